@@ -1,0 +1,1 @@
+"""Evaluation: needle, RULER-style synthetic tasks, LongBench, fidelity against the full cache."""

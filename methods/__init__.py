@@ -1,0 +1,1 @@
+"""Compression methods, one small file each. Importing this package registers them all."""
