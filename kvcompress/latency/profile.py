@@ -1,0 +1,299 @@
+"""What a compressed KV cache holds: :class:`CompressionProfile`, and :func:`project` onto another model.
+
+Per layer l and KV head h the cache keeps ``kept_tokens[l][h]`` entries (a float: the mean over batch rows). Each
+kept (token, head) entry costs, in bytes::
+
+    entry_bytes(l) = (key_dim[l]·key_bits[l] + value_dim[l]·value_bits[l]) / 8 + metadata_bytes_per_token[l]
+
+``key_bits``/``value_bits`` are bits per stored element, ``key_dim``/``value_dim`` the kept rank or channels per
+head (default head_dim), ``metadata_bytes_per_token[l]`` the scales/zero points etc. per kept (token, KV head)
+entry, K and V together. A layer listed in ``shared_layers`` (layer → the layer whose KV it reuses) stores nothing.
+So ``KV bytes = Σ_{l not shared} Σ_h kept_tokens[l][h] · entry_bytes(l)``.
+
+Per-axis kept fractions (:meth:`CompressionProfile.kept_fractions`) telescope exactly to the byte fraction. With
+``cap_l`` = tokens a dense layer holds (n, or min(n, window)) and ``b0 = 2·d_h·dtype_bytes``::
+
+    layer  = Σ_{l stored} cap_l / Σ_l cap_l
+    head   = Σ_{l stored, h: kept>0} cap_l / Σ_{l stored} H·cap_l
+    token  = Σ_{kept>0} kept_lh / Σ_{kept>0} cap_l
+    hidden = KV bytes / (Σ kept_lh · b0)
+    bytes  = layer · head · token · hidden = KV bytes / dense KV bytes
+
+Changing the context keeps every per-(layer, head) token fraction kept/cap_l (a ratio, not an absolute budget).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import KVCompressError
+from .model_profile import ModelProfile
+
+
+def _per_layer(value: Any, n_layers: int, default: float, name: str) -> list[float]:
+    if value is None:
+        return [float(default)] * n_layers
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)] * n_layers
+    out = [float(default) if v is None else float(v) for v in value]
+    if len(out) != n_layers:
+        raise KVCompressError(f"{name} has {len(out)} entries; valid: one per layer ({n_layers})")
+    return out
+
+
+@dataclass
+class CompressionProfile:
+    """What a (compressed) cache holds for one sequence at ``context_tokens`` logical tokens. See module docstring."""
+
+    model: ModelProfile
+    context_tokens: int
+    kept_tokens: list[list[float]]
+    dtype_bytes: int = 2
+    key_bits: list[float] = field(default_factory=list)
+    value_bits: list[float] = field(default_factory=list)
+    key_dim: list[float] = field(default_factory=list)
+    value_dim: list[float] = field(default_factory=list)
+    metadata_bytes_per_token: list[float] = field(default_factory=list)
+    shared_layers: dict[int, int] = field(default_factory=dict)
+    extra_prefill_flops: float = 0.0
+    prefill_skips_kv_layers: tuple[int, ...] = ()
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        m, n_layers = self.model, self.model.num_layers
+        if isinstance(self.context_tokens, bool) or not isinstance(self.context_tokens, (int, float)) \
+                or self.context_tokens <= 0:
+            raise KVCompressError(f"context_tokens={self.context_tokens!r} is invalid; valid: a number > 0")
+        self.shared_layers = {int(k): int(v) for k, v in dict(self.shared_layers).items()}
+        for k, v in self.shared_layers.items():
+            if not (0 <= k < n_layers and 0 <= v < n_layers) or k == v:
+                raise KVCompressError(f"shared_layers {k}->{v} is invalid; valid: distinct layers in 0..{n_layers - 1}")
+        if len(self.kept_tokens) != n_layers:
+            raise KVCompressError(f"kept_tokens has {len(self.kept_tokens)} layers; valid: {n_layers} "
+                                  f"(one list of {m.num_kv_heads} KV heads per layer of {m.name})")
+        rows = []
+        for i, row in enumerate(self.kept_tokens):
+            row = [float(x) for x in row] or [0.0] * m.num_kv_heads  # an empty layer holds nothing
+            if len(row) != m.num_kv_heads:
+                raise KVCompressError(f"kept_tokens[{i}] has {len(row)} heads; valid: {m.num_kv_heads} KV heads")
+            if any(not (x >= 0) for x in row):
+                raise KVCompressError(f"kept_tokens[{i}]={row} has a negative or NaN entry; valid: counts >= 0")
+            rows.append(row)
+        self.kept_tokens = rows
+        bits = 8 * self.dtype_bytes
+        self.key_bits = _per_layer(self.key_bits or None, n_layers, bits, "key_bits")
+        self.value_bits = _per_layer(self.value_bits or None, n_layers, bits, "value_bits")
+        self.key_dim = _per_layer(self.key_dim or None, n_layers, m.head_dim, "key_dim")
+        self.value_dim = _per_layer(self.value_dim or None, n_layers, m.head_dim, "value_dim")
+        self.metadata_bytes_per_token = _per_layer(self.metadata_bytes_per_token or None, n_layers, 0.0,
+                                                   "metadata_bytes_per_token")
+        self.prefill_skips_kv_layers = tuple(int(x) for x in self.prefill_skips_kv_layers)
+
+    # ---- bytes -------------------------------------------------------------------------------------------
+    def entry_bytes(self, layer: int) -> float:
+        """Bytes of one kept (token, KV head) entry of ``layer``, metadata included."""
+        return ((self.key_dim[layer] * self.key_bits[layer] + self.value_dim[layer] * self.value_bits[layer]) / 8
+                + self.metadata_bytes_per_token[layer])
+
+    def layer_bytes(self, layer: int) -> float:
+        """Bytes ``layer`` stores: 0 if shared, else Σ_h kept_tokens[layer][h] · entry_bytes(layer)."""
+        if layer in self.shared_layers:
+            return 0.0
+        return sum(self.kept_tokens[layer]) * self.entry_bytes(layer)
+
+    def kv_bytes(self) -> float:
+        """Bytes the compressed cache holds for one sequence."""
+        return sum(self.layer_bytes(i) for i in range(self.model.num_layers))
+
+    def capacity(self) -> list[float]:
+        """Tokens per KV head a dense layer would hold at ``context_tokens``."""
+        return self.model.layer_tokens(self.context_tokens)
+
+    def dense_kv_bytes(self) -> float:
+        """Σ_l cap_l · n_kv · 2 · d_h · dtype_bytes: the uncompressed cache in this profile's element size."""
+        return sum(self.capacity()) * self.model.num_kv_heads * 2 * self.model.head_dim * self.dtype_bytes
+
+    def layer_rates(self) -> list[float]:
+        """Stored bytes per dense token, per layer: layer_bytes(l) / cap_l (what stays constant across contexts)."""
+        return [self.layer_bytes(i) / c if c else 0.0 for i, c in enumerate(self.capacity())]
+
+    def kv_bytes_at(self, context: float) -> float:
+        """KV bytes at another context with every per-layer fraction held: Σ_l rate_l · cap_l(context)."""
+        return sum(r * c for r, c in zip(self.layer_rates(), self.model.layer_tokens(context)))
+
+    def kept_fractions(self) -> dict[str, float]:
+        """Per-axis kept fractions (layer, head, token, hidden) and the overall byte fraction (module docstring)."""
+        cap, heads = self.capacity(), self.model.num_kv_heads
+        stored = [i for i in range(self.model.num_layers) if i not in self.shared_layers]
+        all_cap = sum(cap)
+        stored_cap = sum(cap[i] for i in stored)
+        live = [(i, k) for i in stored for k in self.kept_tokens[i] if k > 0]
+        live_cap = sum(cap[i] for i, _ in live)
+        kept = sum(k for _, k in live)
+        b0 = 2 * self.model.head_dim * self.dtype_bytes
+        total = self.kv_bytes()
+        return {
+            "layer": stored_cap / all_cap if all_cap else 0.0,
+            "head": live_cap / (heads * stored_cap) if stored_cap else 0.0,
+            "token": kept / live_cap if live_cap else 0.0,
+            "hidden": total / (kept * b0) if kept else 0.0,
+            "bytes": total / self.dense_kv_bytes(),
+        }
+
+    def at_context(self, context: int) -> CompressionProfile:
+        """The same per-(layer, head) token fractions at another context: kept · cap_l(context) / cap_l."""
+        if context == self.context_tokens:
+            return self
+        new_cap, cap = self.model.layer_tokens(context), self.capacity()
+        rows = [[k * nc / c if c else 0.0 for k in row] for row, nc, c in zip(self.kept_tokens, new_cap, cap)]
+        return dataclasses.replace(self, context_tokens=context, kept_tokens=rows)
+
+    # ---- constructors ------------------------------------------------------------------------------------
+    @classmethod
+    def dense(cls, model_profile: ModelProfile, context: int) -> CompressionProfile:
+        """An uncompressed cache: every layer and KV head holds cap_l(context) tokens in the model's dtype."""
+        rows = [[float(c)] * model_profile.num_kv_heads for c in model_profile.layer_tokens(context)]
+        return cls(model_profile, context, rows, dtype_bytes=model_profile.dtype_bytes, name="dense")
+
+    @classmethod
+    def uniform(cls, model_profile: ModelProfile, context: int, token_fraction: float = 1.0,
+                head_fraction: float = 1.0, layer_fraction: float = 1.0, key_bits: float | None = None,
+                value_bits: float | None = None, group_size: int | None = None, rank_fraction: float = 1.0,
+                scale_bytes: int = 2, zero_point: bool = True, extra_prefill_flops: float = 0.0,
+                name: str = "uniform") -> CompressionProfile:
+        """The paper's per-axis example factors, rounded to what a cache can realise.
+
+        * layer: round(L·layer_fraction) layers (≥ 1), evenly spaced, store KV; every other layer reuses the
+          nearest stored layer above it (cross-layer sharing).
+        * head: round(L_stored·H·head_fraction) (layer, head) slots (≥ 1), head-major round robin, keep tokens;
+          the others keep none.
+        * token: each kept slot keeps token_fraction · cap_l tokens.
+        * hidden: key_dim = value_dim = round(d_h·rank_fraction) (projection matrices are a per-layer constant,
+          not charged); key_bits/value_bits bits per element (default: the model's dtype width); with
+          ``group_size`` g, every group of g elements stores a scale (and a zero point) of ``scale_bytes``:
+          metadata per (token, head) = (⌈key_dim/g⌉ + ⌈value_dim/g⌉) · scale_bytes · (2 if zero_point else 1).
+          The same count holds for per-channel key grouping along tokens (d_h scales per g tokens).
+        """
+        m = model_profile
+        n_layers, heads, bits = m.num_layers, m.num_kv_heads, 8 * m.dtype_bytes
+        for nm, frac in (("token_fraction", token_fraction), ("head_fraction", head_fraction),
+                         ("layer_fraction", layer_fraction), ("rank_fraction", rank_fraction)):
+            if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not (0.0 < frac <= 1.0):
+                raise KVCompressError(f"{nm}={frac!r} is out of range; valid: a kept fraction in (0, 1]")
+        n_store = max(1, round(n_layers * layer_fraction))
+        stored = sorted({math.floor(i * n_layers / n_store) for i in range(n_store)})
+        shared, last = {}, stored[0]
+        for i in range(n_layers):
+            if i in stored:
+                last = i
+            else:
+                shared[i] = last if last < i else stored[0]
+        n_slots = max(1, round(len(stored) * heads * head_fraction))
+        order = [(layer, h) for h in range(heads) for layer in stored][:n_slots]
+        live = set(order)
+        cap = m.layer_tokens(context)
+        rows = [[cap[i] * token_fraction if (i, h) in live else 0.0 for h in range(heads)] for i in range(n_layers)]
+        kb = float(bits if key_bits is None else key_bits)
+        vb = float(bits if value_bits is None else value_bits)
+        dim = max(1, round(m.head_dim * rank_fraction))
+        meta = 0.0
+        if group_size:
+            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+                raise KVCompressError(f"group_size={group_size!r} is invalid; valid: an integer >= 1 or None")
+            groups = (math.ceil(dim / group_size) if kb < bits else 0) + (math.ceil(dim / group_size) if vb < bits
+                                                                           else 0)
+            meta = groups * scale_bytes * (2 if zero_point else 1)
+        return cls(m, context, rows, dtype_bytes=m.dtype_bytes, key_bits=[kb] * n_layers,
+                   value_bits=[vb] * n_layers, key_dim=[dim] * n_layers, value_dim=[dim] * n_layers,
+                   metadata_bytes_per_token=[meta] * n_layers, shared_layers=shared,
+                   extra_prefill_flops=extra_prefill_flops, name=name)
+
+    @classmethod
+    def from_report(cls, report: Mapping[str, Any], model_profile: ModelProfile) -> CompressionProfile:
+        """From the plain dict a compressed cache reports (keys named as the fields; scalars broadcast per layer).
+
+        Required: ``kept_tokens`` (list of per-layer lists of per-KV-head floats), ``context_tokens``. Optional:
+        ``dtype_bytes`` (default the model's), ``key_bits``, ``value_bits``, ``key_dim``, ``value_dim``,
+        ``metadata_bytes_per_token``, ``shared_layers`` (JSON string keys accepted), ``extra_prefill_flops``,
+        ``prefill_skips_kv_layers``.
+        """
+        for key in ("kept_tokens", "context_tokens"):
+            if report.get(key) is None:
+                raise KVCompressError(f"compression report lacks {key!r}; valid keys: kept_tokens, context_tokens, "
+                                      "dtype_bytes, key_bits, value_bits, key_dim, value_dim, "
+                                      "metadata_bytes_per_token, shared_layers, extra_prefill_flops")
+        n = model_profile.num_layers
+        return cls(
+            model_profile, report["context_tokens"], [list(r) for r in report["kept_tokens"]],
+            dtype_bytes=int(report.get("dtype_bytes") or model_profile.dtype_bytes),
+            key_bits=_opt(report.get("key_bits"), n, "key_bits"),
+            value_bits=_opt(report.get("value_bits"), n, "value_bits"),
+            key_dim=_opt(report.get("key_dim"), n, "key_dim"), value_dim=_opt(report.get("value_dim"), n, "value_dim"),
+            metadata_bytes_per_token=_opt(report.get("metadata_bytes_per_token"), n, "metadata_bytes_per_token"),
+            shared_layers=dict(report.get("shared_layers") or {}),
+            extra_prefill_flops=float(report.get("extra_prefill_flops") or 0.0),
+            prefill_skips_kv_layers=tuple(report.get("prefill_skips_kv_layers") or ()),
+            name=str(report.get("name", "report")),
+        )
+
+
+def _opt(value: Any, n: int, name: str) -> list[float]:
+    """Per-layer list from a report value; None entries fall back to the default later (encoded as [])."""
+    if value is None:
+        return []
+    if isinstance(value, Sequence) and not isinstance(value, str) and any(v is None for v in value):
+        raise KVCompressError(f"{name} has a None entry; valid: one number per layer ({n}) or a scalar")
+    return _per_layer(value, n, 0.0, name)
+
+
+def project(profile: CompressionProfile, target_model_profile: ModelProfile, target_context: int,
+            ) -> CompressionProfile:
+    """Transfer a run's measured fractions onto another model and context.
+
+    Rule (per-layer relative depth, per-head relative index):
+
+    * target layer j reads source layer i = ⌊(j + ½)·L_s / L_t⌋, target KV head h reads source head
+      ⌊(h + ½)·H_s / H_t⌋;
+    * token fraction kept_s[i][h_s] / cap_s(i) (clipped to [0, 1]) times the target's cap_t(j, target_context);
+    * element widths: a source width ≥ its dtype width means "not quantised" and becomes the target dtype width;
+      a narrower width (a quantised cache) is kept as is; kept dims scale with d_h,t / d_h,s, and so does the
+      per-entry metadata (it is per group of channels);
+    * layer j is shared iff layer i is shared and an earlier target layer is stored (it then reuses the latest
+      stored one); layer j skips its prefill K/V projection iff layer i does;
+    * ``extra_prefill_flops`` keeps its fraction of the dense prefill FLOPs (2·P_active·n + attention).
+    """
+    src, tgt = profile.model, target_model_profile
+    if isinstance(target_context, bool) or not isinstance(target_context, int) or target_context <= 0:
+        raise KVCompressError(f"target_context={target_context!r} is invalid; valid: an integer >= 1")
+    ls, lt, hs, ht = src.num_layers, tgt.num_layers, src.num_kv_heads, tgt.num_kv_heads
+    cap_s, cap_t = profile.capacity(), tgt.layer_tokens(target_context)
+    src_bits, tgt_bits, dim_scale = 8 * profile.dtype_bytes, 8 * tgt.dtype_bytes, tgt.head_dim / src.head_dim
+    layer_of = [min(ls - 1, math.floor((j + 0.5) * ls / lt)) for j in range(lt)]
+    rows, kb, vb, kd, vd, meta = [], [], [], [], [], []
+    shared: dict[int, int] = {}
+    last_stored: int | None = None
+    for j, i in enumerate(layer_of):
+        frac = [min(1.0, profile.kept_tokens[i][min(hs - 1, math.floor((h + 0.5) * hs / ht))] / cap_s[i])
+                if cap_s[i] else 0.0 for h in range(ht)]
+        rows.append([f * cap_t[j] for f in frac])
+        kb.append(tgt_bits if profile.key_bits[i] >= src_bits else profile.key_bits[i])
+        vb.append(tgt_bits if profile.value_bits[i] >= src_bits else profile.value_bits[i])
+        kd.append(profile.key_dim[i] * dim_scale)
+        vd.append(profile.value_dim[i] * dim_scale)
+        meta.append(profile.metadata_bytes_per_token[i] * dim_scale)
+        if i in profile.shared_layers and last_stored is not None:
+            shared[j] = last_stored
+        else:
+            last_stored = j
+    skips = tuple(j for j, i in enumerate(layer_of) if i in profile.prefill_skips_kv_layers)
+    dense_src = 2 * src.params_active * profile.context_tokens + src.attention_flops(int(profile.context_tokens))
+    dense_tgt = 2 * tgt.params_active * target_context + tgt.attention_flops(target_context)
+    extra = profile.extra_prefill_flops * dense_tgt / dense_src
+    return CompressionProfile(tgt, target_context, rows, dtype_bytes=tgt.dtype_bytes, key_bits=kb, value_bits=vb,
+                              key_dim=kd, value_dim=vd, metadata_bytes_per_token=meta, shared_layers=shared,
+                              extra_prefill_flops=extra, prefill_skips_kv_layers=skips,
+                              name=f"{profile.name}->{tgt.name}")
