@@ -1,0 +1,324 @@
+"""Needle-in-a-haystack / passkey sample generator and exact-match scoring.
+
+Templates (``template=``):
+
+* ``"magic_number"`` (RULER-style, default) — needle "The special magic number for {key} is {value}.", a 7-digit
+  value, ``num_distractors`` other needles with other keys and values at other depths; the prompt ends with the
+  answer prefix "The special magic number for {key} is" so the answer is the next tokens.
+* ``"passkey"`` (Mohtashami & Jaggi 2023) — "The pass key is {value}. Remember it. {value} is the pass key.", a value
+  in [1, 50000], the "noise" filler by default; no distractors (every distractor would share the key).
+* ``"kamradt"`` (gkamradt's NIAH) — the San Francisco sandwich needle; no distractors.
+
+Haystack: :mod:`kvcompress.eval.haystack` (``"pydoc"`` by default, ``"noise"``, or a path to .txt files), a run of
+consecutive sentences from a seeded random offset, sized **by token count with the given tokenizer** so the whole
+prompt (special tokens included) has at most ``context_length`` tokens and falls short by less than one sentence.
+The needle is inserted at the sentence boundary at or before ``depth`` × haystack tokens (depth 0 = before the first
+sentence, 1 = after the last). Distractor needles go at other boundaries. Keys never occur as words in the haystack
+window; values of one sample share no digit group (``\\d{1,3}`` chunk) with each other, so a copying model cannot
+confuse them.
+
+Everything is a pure function of (tokenizer, arguments, seed).
+
+Scoring: :func:`score_exact_match` compares normalised **strings** (whitespace collapsed, stripped, case-folded):
+the prediction must start with the answer and the answer must not run on into more letters/digits
+(``"4827193."`` and ``"4827193 is it"`` match ``"4827193"``; ``"48271935"`` does not).
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from . import haystack as _haystack
+
+#: Needle keys: concrete nouns absent from the Python docs (a key is also skipped if it appears in the haystack).
+KEY_WORDS: tuple[str, ...] = tuple(
+    """
+    apple apricot avocado badger banana beaver bison blueberry bobcat buffalo butterfly cactus camel canary
+    cantaloupe caribou carrot catfish cheetah cherry chestnut chipmunk cobra coconut cougar coyote crayfish cricket
+    crocodile cucumber daffodil dolphin donkey dragonfly eagle eggplant elephant falcon ferret flamingo gazelle
+    gecko giraffe goldfish gooseberry gorilla grapefruit grasshopper hamster hedgehog heron hippo hornet hyena
+    iguana jackal jaguar jellyfish kangaroo kiwi koala ladybug lemur leopard lettuce lobster lynx mackerel
+    magpie mango meerkat melon mongoose moose mosquito narwhal nectarine nightingale octopus okapi olive orangutan
+    ostrich otter owl oyster panda panther papaya parrot peacock pelican penguin pheasant pineapple piranha pistachio
+    platypus plum porcupine possum pumpkin quail rabbit raccoon radish raspberry reindeer rhino salamander salmon
+    sardine scorpion seahorse seal shark shrimp skunk sloth snail sparrow spinach squid squirrel starfish stingray
+    strawberry swan tadpole tangerine tapir termite tiger tomato tortoise toucan trout tulip turnip turtle vulture
+    walnut walrus wasp weasel whale wolverine wombat yak zebra
+    """.split()
+)
+
+KAMRADT_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+KAMRADT_ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day"
+
+TEMPLATES: dict[str, dict[str, str]] = {
+    "magic_number": {
+        "intro": "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+        "I will quiz you about one of them afterwards.",
+        "needle": "The special magic number for {key} is {value}.",
+        "question": "What is the special magic number for {key} mentioned in the provided text? "
+        "The special magic number for {key} is",
+        "haystack": "pydoc",
+    },
+    "passkey": {
+        "intro": "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.",
+        "needle": "The pass key is {value}. Remember it. {value} is the pass key.",
+        "question": "What is the pass key? The pass key is",
+        "haystack": "noise",
+    },
+    "kamradt": {
+        "intro": "Read the following text and answer the question at the end.",
+        "needle": KAMRADT_NEEDLE,
+        "question": "What is the best thing to do in San Francisco? The best thing to do in San Francisco is",
+        "haystack": "pydoc",
+    },
+}
+
+
+@dataclass
+class NeedleSample:
+    """One prompt. ``prompt`` is the full text (without special tokens); the model's continuation is scored."""
+
+    prompt: str
+    answer: str
+    template: str
+    context_length: int  # requested size in tokens (special tokens included)
+    num_tokens: int  # actual prompt size with the generator's tokenizer (special tokens included)
+    depth: float  # requested depth in [0, 1]
+    key: str | None
+    needle: str
+    needle_char_span: tuple[int, int]  # prompt[start:end] == needle
+    needle_token_span: tuple[int, int]  # token indices [start, end) covering the needle (special tokens counted)
+    value_token_span: tuple[int, int]  # token indices [start, end) of the needle's first occurrence of the answer
+    distractor_keys: list[str] = field(default_factory=list)
+    distractor_values: list[str] = field(default_factory=list)
+    distractor_char_spans: list[tuple[int, int]] = field(default_factory=list)
+    actual_depth: float = 0.0  # needle start token / prompt tokens
+    max_new_tokens: int = 16  # answer tokens + 2
+    seed: int = 0
+    index: int = 0  # sample index within its (length, depth) cell
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+def score_exact_match(prediction: str, answer: str) -> float:
+    """1.0 if the normalised prediction starts with the normalised answer and does not continue it, else 0.0."""
+    pred, ans = _normalize(prediction), _normalize(answer)
+    if not ans or not pred.startswith(ans):
+        return 0.0
+    rest = pred[len(ans) :]
+    return 0.0 if rest and rest[0].isalnum() else 1.0
+
+
+def score_contains(prediction: str, answer: str) -> float:
+    """RULER's string_match_part for one reference: 1.0 if the answer occurs (case-insensitively) in the prediction."""
+    return 1.0 if _normalize(answer) in _normalize(prediction) else 0.0
+
+
+def _digit_groups(value: str) -> set[str]:
+    return set(re.findall(r"\d{1,3}", value))
+
+
+def _new_value(rng: random.Random, template: str, value_digits: int, taken: set[str]) -> str:
+    for _ in range(10_000):
+        if template == "passkey":
+            v = str(rng.randint(1, 50_000))
+        else:
+            v = str(rng.randrange(10 ** (value_digits - 1), 10**value_digits))
+        if not (_digit_groups(v) & taken):
+            return v
+    raise RuntimeError("could not draw a value with fresh digit groups")
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def _token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    idx = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    return (idx[0], idx[-1] + 1) if idx else (0, 0)
+
+
+class _SentenceLengths:
+    """Token counts of haystack sentences, cached per (tokenizer, sentence)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict[str, int] = {}
+
+    def __call__(self, sentences: list[str]) -> list[int]:
+        missing = [s for s in dict.fromkeys(sentences) if s not in self.cache]
+        if missing:
+            enc = self.tokenizer([" " + s for s in missing], add_special_tokens=False)["input_ids"]
+            self.cache.update({s: len(ids) for s, ids in zip(missing, enc)})
+        return [self.cache[s] for s in sentences]
+
+
+def _assemble(intro: str, hay: list[str], inserts: dict[int, list[str]], question: str):
+    """Join intro, haystack sentences with needles inserted before sentence index i, and the question.
+
+    Returns (prompt, {needle text -> char span}) — spans listed in insertion order.
+    """
+    parts: list[str] = [intro]
+    spans: list[tuple[str, int, int]] = []
+    pos = len(intro)
+    for i in range(len(hay) + 1):
+        for needle in inserts.get(i, []):
+            pos += 1
+            spans.append((needle, pos, pos + len(needle)))
+            parts.append(needle)
+            pos += len(needle)
+        if i < len(hay):
+            pos += 1
+            parts.append(hay[i])
+            pos += len(hay[i])
+    body = " ".join(parts)
+    prompt = body + "\n" + question
+    return prompt, spans
+
+
+def make_needle_samples(
+    tokenizer,
+    lengths: Iterable[int],
+    depths: Iterable[float],
+    *,
+    template: str = "magic_number",
+    num_distractors: int | None = None,
+    haystack: str | None = None,
+    seed: int = 0,
+    num_samples: int = 1,
+    value_digits: int = 7,
+) -> list[NeedleSample]:
+    """Generate needle samples for every (length, depth, sample index), in that nesting order.
+
+    tokenizer: a Hugging Face tokenizer (callable, fast tokenizers give exact token spans via offsets).
+    lengths: prompt sizes in tokens (special tokens included). depths: fractions in [0, 1].
+    num_distractors: extra needles with other keys/values (default 3 for ``magic_number``, 0 otherwise).
+    haystack: ``"pydoc"``, ``"noise"`` or a path; default per template.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
+    tpl = TEMPLATES[template]
+    if num_distractors is None:
+        num_distractors = 3 if template == "magic_number" else 0
+    if num_distractors and template != "magic_number":
+        raise ValueError(f"template {template!r} has one fixed key; distractors need template='magic_number'")
+    if not 1 <= value_digits <= 12:
+        raise ValueError("value_digits must be in [1, 12]")
+    source = haystack if haystack is not None else tpl["haystack"]
+    sent_len = _SentenceLengths(tokenizer)
+    out: list[NeedleSample] = []
+    for length in lengths:
+        for depth in depths:
+            if not 0.0 <= float(depth) <= 1.0:
+                raise ValueError(f"depth {depth} outside [0, 1]")
+            for index in range(num_samples):
+                out.append(
+                    _one_sample(
+                        tokenizer, sent_len, tpl, template, int(length), float(depth), index, seed, source,
+                        num_distractors, value_digits,
+                    )
+                )
+    return out
+
+
+def _one_sample(tokenizer, sent_len, tpl, template, length, depth, index, seed, source, num_distractors, value_digits):
+    rng = random.Random(f"needle-{template}-{seed}-{length}-{depth:.6f}-{index}")
+    # 1. haystack window: consecutive sentences from a seeded offset, enough to fill `length` tokens.
+    stream = _haystack.sentence_stream(source, seed=f"{seed}-{length}-{index}-{rng.random()}")
+    hay: list[str] = []
+    total = 0
+    while total < length:
+        s = next(stream)
+        hay.append(s)
+        total += sent_len([s])[0]
+    hay_words = {w.casefold() for s in hay for w in re.findall(r"[A-Za-z]+", s)}
+
+    # 2. keys and values.
+    keys = [k for k in KEY_WORDS if k not in hay_words]
+    rng.shuffle(keys)
+    n_needles = 1 + num_distractors
+    if template == "magic_number":
+        if len(keys) < n_needles:
+            raise RuntimeError("not enough keys absent from the haystack")
+        chosen_keys: list[str | None] = list(keys[:n_needles])
+    else:
+        chosen_keys = [None]
+    taken: set[str] = set()
+    values: list[str] = []
+    for _ in range(n_needles):
+        if template == "kamradt":
+            values.append(KAMRADT_ANSWER)
+            break
+        v = _new_value(rng, template, value_digits, taken)
+        taken |= _digit_groups(v)
+        values.append(v)
+    needles = [tpl["needle"].format(key=k, value=v) for k, v in zip(chosen_keys, values)]
+    question = tpl["question"].format(key=chosen_keys[0])
+    intro = tpl["intro"]
+
+    # 3. size: largest number of sentences whose prompt fits in `length` tokens (binary search on full prompts).
+    def prompt_for(n: int):
+        lens = sent_len(hay[:n])
+        cum = [0]
+        for x in lens:
+            cum.append(cum[-1] + x)
+        # insertion boundary for the needle: last boundary whose token offset <= depth * haystack tokens
+        target = depth * cum[-1]
+        b_needle = max(0, bisect.bisect_right(cum, target + 1e-9) - 1)
+        inserts: dict[int, list[str]] = {b_needle: [needles[0]]}
+        drng = random.Random(f"distractors-{rng_state}-{n}")
+        free = [b for b in range(n + 1) if b != b_needle]
+        for d in needles[1:]:
+            b = drng.choice(free) if free else b_needle
+            inserts.setdefault(b, []).append(d)
+        return _assemble(intro, hay[:n], inserts, question)
+
+    rng_state = rng.random()
+    lo, hi = 0, len(hay)
+    while lo < hi:  # largest n with count(prompt(n)) <= length
+        mid = (lo + hi + 1) // 2
+        if _count(tokenizer, prompt_for(mid)[0]) <= length:
+            lo = mid
+        else:
+            hi = mid - 1
+    prompt, spans = prompt_for(lo)
+    enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    needle_text, n_start, n_end = next(sp for sp in spans if sp[0] == needles[0])
+    v_start = n_start + needle_text.index(values[0])
+    needle_tok = _token_span(offsets, n_start, n_end)
+    value_tok = _token_span(offsets, v_start, v_start + len(values[0]))
+    answer_tokens = len(tokenizer(" " + values[0], add_special_tokens=False)["input_ids"])
+    distractor_spans = [(a, b) for text, a, b in spans if text != needles[0]]
+    return NeedleSample(
+        prompt=prompt,
+        answer=values[0],
+        template=template,
+        context_length=length,
+        num_tokens=len(ids),
+        depth=depth,
+        key=chosen_keys[0],
+        needle=needle_text,
+        needle_char_span=(n_start, n_end),
+        needle_token_span=needle_tok,
+        value_token_span=value_tok,
+        distractor_keys=[k for k in chosen_keys[1:] if k is not None],
+        distractor_values=values[1:],
+        distractor_char_spans=distractor_spans,
+        actual_depth=needle_tok[0] / max(1, len(ids)),
+        max_new_tokens=answer_tokens + 2,
+        seed=seed,
+        index=index,
+    )
