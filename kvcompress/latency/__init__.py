@@ -7,6 +7,7 @@ CLI: ``python -m kvcompress.latency model=yi-34b-200k context=50000 hardware=a10
 ``python -m kvcompress.latency table``.
 """
 
+from .block import DEPLOYMENT_TARGET, latency_block
 from .hardware import (DEFAULT_HARDWARE, EFFICIENCY_PRESETS, Efficiency, HardwareProfile, list_hardware,
                        load_efficiency, load_hardware)
 from .metrics import CONVENTIONS, LatencyReport, Metrics, Workload, estimate, kv_replication, parse_tokens, truncate
@@ -14,8 +15,8 @@ from .model_profile import ModelProfile, list_model_presets, load_model_profile
 from .profile import CompressionProfile, project
 
 __all__ = [
-    "CONVENTIONS", "DEFAULT_HARDWARE", "EFFICIENCY_PRESETS", "CompressionProfile", "Efficiency", "HardwareProfile",
-    "LatencyReport", "Metrics", "ModelProfile", "Workload", "estimate", "kv_replication", "list_hardware",
+    "CONVENTIONS", "DEFAULT_HARDWARE", "DEPLOYMENT_TARGET", "EFFICIENCY_PRESETS", "CompressionProfile", "Efficiency", "HardwareProfile",
+    "LatencyReport", "Metrics", "ModelProfile", "Workload", "estimate", "kv_replication", "latency_block", "list_hardware",
     "list_model_presets", "load_efficiency", "load_hardware", "load_model_profile", "parse_tokens", "project",
     "truncate",
 ]

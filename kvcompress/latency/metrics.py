@@ -46,6 +46,7 @@ labelled "GB" and truncated (22.888 → "22.8"): see :func:`truncate`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -236,13 +237,16 @@ def estimate(model_profile: Any, hardware: Any = "a100-80gb", workload: Workload
     wl = workload if isinstance(workload, Workload) else Workload(context=parse_tokens(workload))
     if convention not in CONVENTIONS:
         raise KVCompressError(f"unknown convention {convention!r}; valid choices: {', '.join(CONVENTIONS)}")
+    if compression is not None:
+        if compression.model.num_layers != model.num_layers or compression.model.num_kv_heads != model.num_kv_heads:
+            raise KVCompressError(f"compression profile is for {compression.model.name} ({compression.model.num_layers}"
+                                  f" layers × {compression.model.num_kv_heads} KV heads), not {model.name}; valid: "
+                                  "use project()")
+        if compression.dtype_bytes != model.dtype_bytes:  # the run's element size wins: weights and KV alike
+            model = dataclasses.replace(model, dtype_bytes=compression.dtype_bytes)
+        compression = dataclasses.replace(compression, model=model)
     dense = CompressionProfile.dense(model, wl.context)
     prof = dense if compression is None else compression
-    if prof.model.num_layers != model.num_layers or prof.model.num_kv_heads != model.num_kv_heads:
-        raise KVCompressError(f"compression profile is for {prof.model.name} ({prof.model.num_layers} layers × "
-                              f"{prof.model.num_kv_heads} KV heads), not {model.name}; valid: use project()")
-    if prof is not dense:
-        prof = dataclasses_replace_model(prof, model)
     comp = _metrics(model, hw, wl, eff, convention, prof)
     base = _metrics(model, hw, wl, eff, convention, dense)
     ratios = {k: (getattr(comp, k) / getattr(base, k) if getattr(base, k) else math.nan) for k in _RATIO_KEYS}
@@ -251,12 +255,3 @@ def estimate(model_profile: Any, hardware: Any = "a100-80gb", workload: Workload
                          workload=wl, metrics=comp, baseline=base, ratios=ratios,
                          kept_fractions=prof.at_context(wl.context).kept_fractions(),
                          compression=prof.name, label=label)
-
-
-def dataclasses_replace_model(prof: CompressionProfile, model: ModelProfile) -> CompressionProfile:
-    """The profile re-bound to ``model`` (same shape), so capacities follow the model being estimated."""
-    if prof.model is model:
-        return prof
-    import dataclasses
-
-    return dataclasses.replace(prof, model=model)

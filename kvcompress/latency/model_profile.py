@@ -280,7 +280,7 @@ def load_model_profile(name_or_path_or_config: Any) -> ModelProfile:
         for key in ("head_dim", "num_key_value_heads", "layer_types", "sliding_window"):
             if cfg.get(key) is None and getattr(text, key, None) is not None:
                 cfg[key] = getattr(text, key)
-        dtype = getattr(spec, "dtype", None) or getattr(spec, "torch_dtype", None)
+        dtype = getattr(spec, "dtype", None) or vars(spec).get("torch_dtype")
         name = getattr(spec, "name_or_path", "") or cfg.get("model_type") or "custom"
         return profile_from_hf_dict(cfg, name=str(name), dtype=dtype)
     text = str(spec)
