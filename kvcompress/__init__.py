@@ -1,3 +1,27 @@
-"""kvcompress: compress the KV cache of Hugging Face causal LMs along four axes and measure what it buys."""
+"""kvcompress: compress the KV cache of Hugging Face causal LMs along four axes and measure what it buys.
+
+>>> import kvcompress
+>>> cache = kvcompress.compress(model, "streaming", ratio=0.1)   # ratio = fraction KEPT
+>>> out = model.generate(**inputs, past_key_values=cache)
+>>> cache.memory_report()["kept_bytes"]
+"""
 
 __version__ = "0.1.0"
+
+from .api import SUPPORTED_ARCHITECTURES, attach, build_pipeline, compress  # noqa: E402
+from .cache import KVCompressCache  # noqa: E402
+from .compressor import Axis, Compressor, available_methods, register  # noqa: E402
+from .errors import KVCompressError  # noqa: E402
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "Axis",
+    "Compressor",
+    "KVCompressCache",
+    "KVCompressError",
+    "attach",
+    "available_methods",
+    "build_pipeline",
+    "compress",
+    "register",
+]

@@ -1,0 +1,179 @@
+"""Public entry point: ``cache = kvcompress.compress(model, "streaming", ratio=0.1)``.
+
+Attachment uses transformers' own extension points only — no model forward is copied or patched:
+
+* the cache is a ``Cache`` whose layers are :class:`~kvcompress.cache.KVCompressLayer` (``CacheLayerMixin``);
+* attention goes through an implementation registered with ``AttentionInterface`` under the name ``"kvcompress"``
+  (plus ``AttentionMaskInterface`` so the model still builds its usual masks). For any cache other than ours it is
+  exactly the stock sdpa function, so switching a model to it changes nothing until a compressed cache is passed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .cache import KVCompressCache, _ACTIVE, active_layer
+from .compressor import AXIS_ORDER, Compressor, make_compressor
+from .errors import KVCompressError, check_positive_int, check_ratio, unknown_choice
+
+ATTENTION_NAME = "kvcompress"
+
+#: ``config.model_type`` values whose attention follows the update-then-attend flow we rely on (tested with tiny
+#: random configs of each in tests/test_architectures.py).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+
+
+def kvcompress_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention for models whose cache may be a :class:`KVCompressCache`; stock sdpa for any other cache."""
+    layer = active_layer()
+    if layer is None or key is not layer._returned_key:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    _ACTIVE.layer = None  # do not keep the cache alive through the thread-local
+    layer._returned_key = None
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return layer.cache.attention(layer, module, query, attention_mask, scaling, **kwargs)
+
+
+def register_attention() -> None:
+    """Register the ``"kvcompress"`` attention and mask functions (idempotent)."""
+    if ATTENTION_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, kvcompress_attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def check_architecture(model_or_config: Any) -> None:
+    config = getattr(model_or_config, "config", model_or_config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise unknown_choice("architecture (config.model_type)", model_type, SUPPORTED_ARCHITECTURES)
+
+
+def attach(model: torch.nn.Module) -> None:
+    """Switch ``model`` to the ``"kvcompress"`` attention (a no-op for any cache but ours)."""
+    check_architecture(model)
+    register_attention()
+    current = model.config._attn_implementation
+    if current == ATTENTION_NAME:
+        return
+    if current not in (None, "sdpa", "eager"):
+        raise KVCompressError(
+            f"attn_implementation={current!r} is not supported; valid: sdpa or eager (kvcompress uses sdpa kernels)"
+        )
+    model.set_attn_implementation(ATTENTION_NAME)
+
+
+MethodSpec = str | Compressor | Sequence[str | Compressor]
+
+
+def build_pipeline(
+    method: MethodSpec,
+    ratio: float | None = None,
+    budget: int | None = None,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Compressor]:
+    """Turn ``"a+b"``, ``["a", "b"]`` or compressor instances into an ordered, validated pipeline.
+
+    * ``ratio`` / ``budget`` are defaults for every named method that has such a field; ``params[name]`` overrides.
+    * Axes apply in the order layer → head → token → hidden; each later compressor works on what the earlier ones
+      kept and scores the current tensors. ``full`` alone means no compression and cannot be composed.
+    * Two compressors on the same axis have no rule that combines them, so that is rejected.
+    """
+    params = dict(params or {})
+    if ratio is not None:
+        ratio = check_ratio(ratio)
+    if budget is not None:
+        budget = check_positive_int(budget, "budget")
+    if isinstance(method, (str, Compressor)):
+        items: list[str | Compressor] = list(method.split("+")) if isinstance(method, str) else [method]
+    else:
+        items = list(method)
+    if not items:
+        raise KVCompressError("method=[] is empty; valid: a method name, 'a+b', or a list of names")
+    compressors: list[Compressor] = []
+    for item in items:
+        if isinstance(item, Compressor):
+            compressors.append(item)
+            continue
+        name = str(item).strip()
+        cls_fields = _fields_of(name)
+        kwargs: dict[str, Any] = {}
+        if ratio is not None and "ratio" in cls_fields:
+            kwargs["ratio"] = ratio
+        if budget is not None and "budget" in cls_fields:
+            kwargs["budget"] = budget
+        kwargs.update(params.pop(name, {}) or {})
+        compressors.append(make_compressor(name, **kwargs))
+    if params:
+        extra = sorted(params)[0]
+        raise KVCompressError(f"parameters given for {extra!r}, which is not in method={'+'.join(map(str, items))}")
+    names = [c.name for c in compressors]
+    if "full" in names and len(compressors) > 1:
+        raise KVCompressError(f"method={'+'.join(names)} composes 'full'; 'full' keeps everything, drop it from the list")
+    seen: dict[Any, str] = {}
+    for comp in compressors:
+        if comp.axis is None:
+            continue
+        if comp.axis in seen:
+            raise KVCompressError(
+                f"method={'+'.join(names)} puts {seen[comp.axis]!r} and {comp.name!r} on the same axis "
+                f"({comp.axis.value}) with no rule to combine them; valid: at most one method per axis (layer, head, token, hidden)"
+            )
+        seen[comp.axis] = comp.name
+    order = {axis: i for i, axis in enumerate(AXIS_ORDER)}
+    return sorted((c for c in compressors if c.axis is not None), key=lambda c: order[c.axis])
+
+
+def _fields_of(name: str) -> set[str]:
+    import dataclasses
+
+    from .compressor import get_method
+
+    return {f.name for f in dataclasses.fields(get_method(name))}
+
+
+def compress(
+    model: torch.nn.Module,
+    method: MethodSpec = "full",
+    ratio: float | None = None,
+    *,
+    budget: int | None = None,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    trace: bool = False,
+    **method_params: Any,
+) -> KVCompressCache:
+    """Attach kvcompress to ``model`` and return a fresh compressed cache for one generation.
+
+    >>> cache = kvcompress.compress(model, "streaming", ratio=0.1)
+    >>> model.generate(**inputs, past_key_values=cache)
+
+    ``ratio`` is the fraction KEPT along each method's axis (kvpress's ``compression_ratio`` is the fraction removed).
+    Extra keyword arguments are the parameters of a single method (``sink=4``); for a composition pass
+    ``params={"streaming": {"sink": 4}}``. ``trace=True`` records the logical positions of kept entries
+    (diagnostics for tests and plots; not counted as cache memory).
+    """
+    if method_params:
+        names = [m.name if isinstance(m, Compressor) else m for m in ([method] if isinstance(method, (str, Compressor)) else method)]
+        names = [n for item in names for n in (item.split("+") if isinstance(item, str) else [item])]
+        if len(names) != 1:
+            raise KVCompressError("keyword parameters are ambiguous for a composition; pass params={'method': {...}}")
+        params = {**(params or {}), names[0]: {**(params or {}).get(names[0], {}), **method_params}}
+    pipeline = build_pipeline(method, ratio=ratio, budget=budget, params=params)
+    attach(model)
+    return KVCompressCache(model.config, pipeline, trace=trace)

@@ -1,0 +1,494 @@
+"""A transformers ``Cache`` whose layers physically hold only what the compressors kept.
+
+Layout of one :class:`KVCompressLayer`:
+
+* ``keys`` / ``values`` — a dense append buffer ``(batch, kv_heads, capacity, head_dim)``, of which the first
+  ``length`` slots are used. Decoding appends into spare capacity (no per-step copy of the layer, unlike the stock
+  ``DynamicLayer``'s ``torch.cat``); when it is full it grows by ``length/128 + 16`` slots, so the reserved-but-unused
+  part stays under 1% of a long cache. Right after a compression the buffer is allocated to the exact size.
+* ``segments`` — ragged storage for when rows or KV heads keep different numbers of tokens: each
+  :class:`Segment` holds the (row, head) pairs that keep the same count ``c``, as ``(pairs, c, head_dim)`` tensors.
+  Nothing is padded, so the bytes held are the bytes kept.
+
+A layer is *pristine* until its first compression: the buffer then holds every logical position (left padding
+included, as ``DynamicCache`` does) and attention is the stock sdpa path with the model's own mask, so an
+uncompressed run is numerically the stock one. After a compression the layer holds only real, kept tokens in
+position order (segments first, then the buffer), and attention is computed here: one sdpa call when the layer is
+uniform, otherwise an exact log-sum-exp merge over segments and buffer.
+
+Logical length (positions seen, what ``get_seq_length`` reports, what RoPE of the next token depends on) and
+physical length (entries stored) are kept apart, so positions stay right under ``generate()`` and in a manual loop
+without ``position_ids``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .compressor import Axis, CompressionContext, Compressor, LayerView
+from .errors import KVCompressError
+
+_ACTIVE = threading.local()  # the layer whose `update` ran last: the attention call that follows belongs to it
+
+
+def active_layer() -> KVCompressLayer | None:
+    return getattr(_ACTIVE, "layer", None)
+
+
+@dataclass
+class Segment:
+    """KV entries of the (row, head) pairs ``(rows[i], heads[i])``, each keeping the same number of tokens."""
+
+    rows: torch.Tensor  # (pairs,) long
+    heads: torch.Tensor  # (pairs,) long
+    keys: torch.Tensor  # (pairs, count, head_dim)
+    values: torch.Tensor  # (pairs, count, head_dim)
+    positions: torch.Tensor | None = None  # (pairs, count) — only with cache.trace (diagnostic, not counted)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.rows, self.heads, self.keys, self.values]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _state_tensors(state: Any) -> Iterator[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from _state_tensors(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _state_tensors(value)
+
+
+class KVCompressLayer(CacheLayerMixin):
+    """One layer of a :class:`KVCompressCache` (see the module docstring for the layout)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, cache: KVCompressCache):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.cache = cache
+        self.length = 0  # used slots of the buffer
+        self.logical = 0  # positions seen (includes left padding, like DynamicCache)
+        self.pristine = True
+        self.segments: list[Segment] = []
+        self.pad: list[int] | None = None  # left-padding per row, from the prefill mask
+        self.positions: torch.Tensor | None = None  # buffer positions (batch, kv_heads, capacity), trace only
+        self.state: dict[str, Any] = {}
+        self._returned_key: torch.Tensor | None = None
+
+    # -- CacheLayerMixin ------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_empty((b, h, 0, d))
+        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        start = self.logical
+        self._append(key_states, value_states)
+        self.logical += n
+        if self.positions is not None or (self.cache.trace and self.pristine):
+            self._append_positions(start, n)
+        keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        self._returned_key = keys
+        _ACTIVE.layer = self
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.logical
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Masks are built over logical positions. A pristine layer holds exactly those, so the model's mask is right
+        # for it; a compressed layer ignores the model's mask and builds its own (see `attend`).
+        return self.logical + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.length = self.logical = 0
+        self.pristine, self.segments, self.pad, self.positions, self.state = True, [], None, None, {}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.segments:
+            raise KVCompressError("beam search / batch re-indexing is not supported on a ragged compressed layer")
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+            if self.positions is not None:
+                self.positions = self.positions[indices]
+            if self.pad is not None:
+                self.pad = [self.pad[int(i)] for i in indices]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.batch_select_indices(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    # -- storage --------------------------------------------------------------------------------------------
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = k.shape[-2]
+        need = self.length + n
+        if need > self.keys.shape[-2]:
+            # Exact size for a first fill (prefill), headroom once we are appending (decode).
+            capacity = need if self.length == 0 else need + need // 128 + 16
+            self.keys = self._grown(self.keys, capacity)
+            self.values = self._grown(self.values, capacity)
+        self.keys[:, :, self.length : need] = k
+        self.values[:, :, self.length : need] = v
+        self.length = need
+
+    def _grown(self, buf: torch.Tensor, capacity: int) -> torch.Tensor:
+        b, h, _, d = buf.shape
+        new = buf.new_empty((b, h, capacity, d))
+        new[:, :, : self.length] = buf[:, :, : self.length]
+        return new
+
+    def _append_positions(self, start: int, n: int) -> None:
+        b, h = self.keys.shape[:2]
+        new = torch.arange(start, start + n, device=self.keys.device).expand(b, h, n)
+        old = self.positions[:, :, : self.length - n] if self.positions is not None else new[:, :, :0]
+        self.positions = torch.cat([old, new], dim=-1)
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor this layer holds, cut to its used extent: keys, values, segment indices and any state a
+        compressor keeps between steps (e.g. accumulated scores)."""
+        if self.is_initialized:
+            yield self.keys[:, :, : self.length]
+            yield self.values[:, :, : self.length]
+        for seg in self.segments:
+            yield from seg.tensors()
+        yield from _state_tensors(self.state)
+
+    def kept_bytes(self) -> int:
+        return sum(_nbytes(t) for t in self.tensors())
+
+    def resident_bytes(self) -> int:
+        """Bytes allocated, including the buffer's reserved headroom."""
+        total = sum(_nbytes(t) for seg in self.segments for t in seg.tensors())
+        total += sum(_nbytes(t) for t in _state_tensors(self.state))
+        if self.is_initialized:
+            total += _nbytes(self.keys) + _nbytes(self.values)
+        return total
+
+    def kept_tokens(self) -> torch.Tensor:
+        """Real (non-padding) tokens held per (row, KV head), as a float tensor ``(batch, kv_heads)``."""
+        if not self.is_initialized:
+            return torch.zeros(0, 0)
+        b, h = self.keys.shape[:2]
+        kept = torch.full((b, h), float(self.length))
+        if self.pristine and self.pad is not None:
+            kept -= torch.tensor(self.pad, dtype=torch.float).unsqueeze(-1)
+        for seg in self.segments:
+            kept[seg.rows, seg.heads] += seg.keys.shape[1]
+        return kept
+
+    # -- views for the compressors --------------------------------------------------------------------------
+    def materialize(self, padding_valid: torch.Tensor | None) -> LayerView:
+        """The layer as a rectangle ``(batch, kv_heads, n, head_dim)`` with a validity mask (entries in position order).
+
+        padding_valid: ``(batch, length)`` bool for a pristine layer (False on left padding), from the model's mask.
+        """
+        b, h = self.keys.shape[:2]
+        buf_k, buf_v = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        buf_valid = torch.ones(b, h, self.length, dtype=torch.bool, device=self.keys.device)
+        if self.pristine and padding_valid is not None:
+            buf_valid &= padding_valid[:, None, : self.length]
+        buf_pos = self.positions[:, :, : self.length] if self.positions is not None else None
+        if not self.segments:
+            return LayerView(buf_k, buf_v, buf_valid, buf_pos)
+        longest = max(seg.keys.shape[1] for seg in self.segments)
+        d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
+        seg_k = buf_k.new_zeros((b, h, longest, d_k))
+        seg_v = buf_v.new_zeros((b, h, longest, d_v))
+        seg_valid = torch.zeros(b, h, longest, dtype=torch.bool, device=buf_k.device)
+        seg_pos = torch.full((b, h, longest), -1, dtype=torch.long) if buf_pos is not None else None
+        for seg in self.segments:
+            c = seg.keys.shape[1]
+            seg_k[seg.rows, seg.heads, :c] = seg.keys
+            seg_v[seg.rows, seg.heads, :c] = seg.values
+            seg_valid[seg.rows, seg.heads, :c] = True
+            if seg_pos is not None and seg.positions is not None:
+                seg_pos[seg.rows, seg.heads, :c] = seg.positions
+        positions = torch.cat([seg_pos, buf_pos], -1) if seg_pos is not None else None
+        return LayerView(
+            torch.cat([seg_k, buf_k], -2), torch.cat([seg_v, buf_v], -2), torch.cat([seg_valid, buf_valid], -1), positions
+        )
+
+    def store(self, view: LayerView) -> None:
+        """Replace the layer's content by the valid entries of ``view``: uniform counts go to an exact-size buffer,
+        unequal counts to ragged segments."""
+        keep = view.valid
+        counts = keep.sum(-1)  # (batch, kv_heads)
+        b, h, _, d_k = view.keys.shape
+        d_v = view.values.shape[-1]
+        nz = keep.nonzero()  # sorted by (row, head, position): position order is preserved
+        flat_k = view.keys[nz[:, 0], nz[:, 1], nz[:, 2]]
+        flat_v = view.values[nz[:, 0], nz[:, 1], nz[:, 2]]
+        flat_pos = view.positions[nz[:, 0], nz[:, 1], nz[:, 2]] if view.positions is not None else None
+        self.pristine = False
+        self.segments = []
+        if bool((counts == counts.flatten()[0]).all()):
+            c = int(counts.flatten()[0])
+            self.keys = flat_k.reshape(b, h, c, d_k).contiguous()
+            self.values = flat_v.reshape(b, h, c, d_v).contiguous()
+            self.length = c
+            self.positions = flat_pos.reshape(b, h, c) if flat_pos is not None else None
+            return
+        flat_counts = counts.flatten()
+        offsets = torch.cumsum(flat_counts, 0) - flat_counts
+        for c in sorted(set(flat_counts.tolist())):
+            if c == 0:
+                continue
+            pairs = (flat_counts == c).nonzero().squeeze(-1)
+            idx = (offsets[pairs].unsqueeze(-1) + torch.arange(c)).flatten()
+            self.segments.append(
+                Segment(
+                    rows=pairs // h,
+                    heads=pairs % h,
+                    keys=flat_k[idx].reshape(len(pairs), c, d_k),
+                    values=flat_v[idx].reshape(len(pairs), c, d_v),
+                    positions=flat_pos[idx].reshape(len(pairs), c) if flat_pos is not None else None,
+                )
+            )
+        self.keys = view.keys.new_empty((b, h, 0, d_k))
+        self.values = view.values.new_empty((b, h, 0, d_v))
+        self.length = 0
+        self.positions = view.keys.new_empty((b, h, 0), dtype=torch.long) if flat_pos is not None else None
+
+    # -- attention ------------------------------------------------------------------------------------------
+    def attend(
+        self, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, **kwargs
+    ) -> torch.Tensor:
+        """Attention of this forward's queries over everything the layer holds; returns ``(batch, q_len, heads, dim)``."""
+        q_len = query.shape[2]
+        keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        if self.pristine:
+            return sdpa_attention_forward(module, query, keys, values, attention_mask, scaling=scaling, **kwargs)[0]
+        # Compressed: all held entries are real and precede this forward's queries, except the last q_len buffer
+        # entries, which are this forward's own tokens (causal among themselves).
+        causal = None
+        if q_len > 1:
+            causal = torch.ones(q_len, self.length, dtype=torch.bool, device=query.device).tril(self.length - q_len)
+        if not self.segments:
+            mask = causal[None, None] if causal is not None else None
+            return sdpa_attention_forward(module, query, keys, values, mask, scaling=scaling, is_causal=False)[0]
+        return _merged_attention(query, self.segments, keys, values, causal, scaling)
+
+
+def _merged_attention(
+    query: torch.Tensor,
+    segments: list[Segment],
+    buf_k: torch.Tensor,
+    buf_v: torch.Tensor,
+    causal: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Exact softmax attention over ragged segments plus the dense buffer, merged by log-sum-exp (fp32)."""
+    b, hq, q_len, d = query.shape
+    h = buf_k.shape[1]
+    g = hq // h
+    q = query.float().reshape(b, h, g * q_len, d)  # query head h*g + j serves KV head h (as repeat_kv)
+    run_max = torch.full((b, h, g * q_len), float("-inf"), device=query.device)
+    run_sum = torch.zeros(b, h, g * q_len, device=query.device)
+    run_out = torch.zeros(b, h, g * q_len, buf_v.shape[-1], device=query.device)
+
+    def merge(scores: torch.Tensor, v: torch.Tensor, rows: Any, heads: Any) -> None:
+        blk_max = scores.amax(-1)
+        safe = torch.where(torch.isfinite(blk_max), blk_max, torch.zeros_like(blk_max))
+        p = torch.exp(scores - safe.unsqueeze(-1))
+        old_max = run_max[rows, heads]
+        new_max = torch.maximum(old_max, blk_max)
+        new_safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+        a_old = torch.exp(old_max - new_safe)
+        a_blk = torch.exp(safe - new_safe)
+        run_sum[rows, heads] = run_sum[rows, heads] * a_old + p.sum(-1) * a_blk
+        run_out[rows, heads] = run_out[rows, heads] * a_old.unsqueeze(-1) + (p @ v.float()) * a_blk.unsqueeze(-1)
+        run_max[rows, heads] = new_max
+
+    for seg in segments:
+        qs = q[seg.rows, seg.heads]  # (pairs, g*q_len, d)
+        merge((qs @ seg.keys.float().transpose(-1, -2)) * scaling, seg.values, seg.rows, seg.heads)
+    if buf_k.shape[-2] > 0:
+        scores = (q @ buf_k.float().transpose(-1, -2)) * scaling  # (b, h, g*q_len, n)
+        if causal is not None:
+            scores = scores.view(b, h, g, q_len, -1).masked_fill(~causal, float("-inf")).view(b, h, g * q_len, -1)
+        merge(scores, buf_v, slice(None), slice(None))
+    out = run_out / run_sum.unsqueeze(-1)
+    return out.view(b, hq, q_len, -1).transpose(1, 2).to(query.dtype)
+
+
+class KVCompressCache(Cache):
+    """A ``Cache`` whose layers hold only what the compression pipeline kept. Create it with
+    :func:`kvcompress.compress`, then pass it as ``past_key_values`` to ``generate`` or to a forward loop."""
+
+    def __init__(self, config: Any, compressors: list[Compressor], *, trace: bool = False):
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.num_layers = text_config.num_hidden_layers
+        self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        self.sliding_window = getattr(text_config, "sliding_window", None)
+        self.compressors = compressors
+        self.trace = trace  # keep logical positions of kept entries (a diagnostic; not counted as cache memory)
+        self.enabled = True
+        super().__init__(layers=[KVCompressLayer(i, self) for i in range(self.num_layers)])
+
+    # -- control --------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run forwards without compressing (e.g. append a question after compressing the context)."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    # -- attention entry point (called by the registered attention function) --------------------------------
+    def attention(
+        self,
+        layer: KVCompressLayer,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        q_len = query.shape[2]
+        window = kwargs.get("sliding_window") or None
+        if window is not None and layer.logical > window and not layer.pristine:
+            raise KVCompressError(
+                f"context of {layer.logical} tokens exceeds layer {layer.layer_idx}'s sliding window ({window}); "
+                "compressing sliding-window layers beyond their window is not supported"
+            )
+        out = layer.attend(module, query, attention_mask, scaling, **kwargs)
+        phase = "prefill" if layer.logical == q_len else ("decode" if q_len == 1 else None)
+        if phase is not None and self.enabled:
+            self._compress(layer, module, query, attention_mask, phase)
+        return out, None
+
+    def _compress(
+        self,
+        layer: KVCompressLayer,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        phase: str,
+    ) -> None:
+        padding_valid = _padding_validity(attention_mask, layer.length)
+        if phase == "prefill" and padding_valid is not None:
+            layer.pad = (~padding_valid).sum(-1).tolist()
+        selectors = [c for c in self.compressors if c.axis in (Axis.LAYER, Axis.HEAD, Axis.TOKEN) and c.active(phase)]
+        if not selectors:
+            return
+        view = layer.materialize(padding_valid)
+        before = view.valid
+        for comp in selectors:
+            ctx = CompressionContext(
+                layer_idx=layer.layer_idx,
+                num_layers=self.num_layers,
+                phase=phase,
+                query=query,
+                module=module,
+                cache=self,
+                state=layer.state.setdefault(comp.name, {}),
+            )
+            keep = comp.select(view, ctx)
+            if keep.shape != view.valid.shape or bool((keep & ~view.valid).any()):
+                raise RuntimeError(f"{comp.name}.select must return a subset of the view's valid entries")
+            view = LayerView(view.keys, view.values, keep, view.positions)
+        if bool(torch.equal(view.valid, before)):
+            return  # nothing dropped: leave the layer as it is (a pristine layer stays identical to an uncompressed one)
+        layer.store(view)
+
+    # -- accounting -----------------------------------------------------------------------------------------
+    def tensors(self) -> Iterator[torch.Tensor]:
+        for layer in self.layers:
+            yield from layer.tensors()
+
+    def kept_bytes(self) -> int:
+        """Bytes of every tensor the cache holds (used extents; index metadata included)."""
+        return sum(layer.kept_bytes() for layer in self.layers)
+
+    def resident_bytes(self) -> int:
+        """Bytes allocated, including the append buffers' reserved headroom (≤ ~1% for long caches)."""
+        return sum(layer.resident_bytes() for layer in self.layers)
+
+    def dense_bytes(self) -> int:
+        """What an uncompressed ``DynamicCache`` of the same run holds: every logical position (padding included)
+        of every layer and KV head, keys and values, at the cache's dtype."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                b = layer.keys.shape[0]
+                elem = layer.keys.element_size()
+                total += b * self.num_kv_heads * layer.logical * (layer.keys.shape[-1] + layer.values.shape[-1]) * elem
+        return total
+
+    def kept_tokens(self) -> list[list[float]]:
+        """Mean over batch rows of the real tokens held, per layer × KV head."""
+        return [layer.kept_tokens().mean(0).tolist() if layer.is_initialized else [] for layer in self.layers]
+
+    def kept_positions(self, layer_idx: int, row: int = 0) -> list[list[int]]:
+        """Logical positions held per KV head of one row (needs ``trace=True``)."""
+        layer = self.layers[layer_idx]
+        if layer.positions is None and not any(s.positions is not None for s in layer.segments):
+            raise KVCompressError("kept_positions needs a cache created with trace=True")
+        view = layer.materialize(None)
+        out = []
+        for h in range(self.num_kv_heads):
+            sel = view.valid[row, h]
+            pos = view.positions[row, h][sel]
+            if layer.pristine and layer.pad is not None:
+                pos = pos[pos >= layer.pad[row]]
+            out.append(pos.tolist())
+        return out
+
+    def memory_report(self) -> dict[str, Any]:
+        """The memory block of a results row."""
+        dense, kept = self.dense_bytes(), self.kept_bytes()
+        first = next((layer for layer in self.layers if layer.is_initialized), None)
+        return {
+            "dense_bytes": dense,
+            "kept_bytes": kept,
+            "resident_bytes": self.resident_bytes(),
+            "kept_fraction": kept / dense if dense else math.nan,
+            "context_tokens": first.logical if first is not None else 0,
+            "dtype_bytes": first.keys.element_size() if first is not None else None,
+            "kept_tokens": self.kept_tokens(),
+            "simulated": False,  # every byte counted here is a byte held by a tensor
+        }
+
+
+def _padding_validity(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """Which of the first ``length`` logical positions are real tokens, per row, from the model's mask.
+
+    The last query row of a causal mask sees every real key up to itself; with left padding (what ``generate`` does
+    for decoder-only models) that is exactly the set of non-padding positions.
+    """
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    last = attention_mask[:, 0, -1, :length]
+    return last if last.dtype == torch.bool else last == 0

@@ -1,0 +1,223 @@
+"""The compressor interface, the method registry and the shared budget/selection helpers.
+
+A compressor acts on one axis of the KV cache:
+
+* ``layer``  — which layers keep their full context (others keep a small window);
+* ``head``   — which KV heads keep their full context;
+* ``token``  — which positions each KV head keeps (eviction, merging);
+* ``hidden`` — how each kept vector is stored (bits, rank, channels).
+
+``ratio`` is always the fraction **kept** along the compressor's axis (1.0 = nothing dropped). NVIDIA kvpress's
+``compression_ratio`` is the fraction *removed*: kvpress ``compression_ratio=0.75`` is our ``ratio=0.25``.
+
+Selection compressors (layer, head, token axes) see a :class:`LayerView` of one layer — the keys and values the
+cache currently holds for it, with a validity mask — and return the subset to keep. They run after the prefill
+forward of that layer (and, for methods that define it, during decoding), so the model's own attention over the
+full prompt is untouched; only what is stored for later steps shrinks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from .errors import KVCompressError, check_positive_int, check_ratio, unknown_choice
+
+if TYPE_CHECKING:
+    from .cache import KVCompressCache
+
+
+class Axis(str, enum.Enum):
+    LAYER = "layer"
+    HEAD = "head"
+    TOKEN = "token"
+    HIDDEN = "hidden"
+
+
+#: Composition order: each later compressor works on what the earlier ones kept.
+AXIS_ORDER: tuple[Axis, ...] = (Axis.LAYER, Axis.HEAD, Axis.TOKEN, Axis.HIDDEN)
+
+
+@dataclass
+class LayerView:
+    """What one layer currently holds, padded to a rectangle for scoring.
+
+    keys, values: ``(batch, kv_heads, n, head_dim)``; valid: ``(batch, kv_heads, n)`` bool — False for left padding,
+    for the rectangle's filler and for entries an earlier compressor dropped. Entries are in position order.
+    positions: logical positions ``(batch, kv_heads, n)`` when known (always for a layer that was never compressed).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor | None = None
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Valid entries per (row, head): ``(batch, kv_heads)``."""
+        return self.valid.sum(-1)
+
+    def rank(self) -> torch.Tensor:
+        """Rank of each entry among the valid entries of its (row, head), 0-based; −1 where invalid.
+
+        Ranks make methods independent of padding and of the other rows of a batch: a row's sink is its first
+        real token whatever its left padding.
+        """
+        return torch.where(self.valid, self.valid.long().cumsum(-1) - 1, -1)
+
+
+@dataclass
+class CompressionContext:
+    """What a compressor may use besides the layer's keys and values.
+
+    query: the post-RoPE queries of the forward that just ran, ``(batch, q_heads, q_len, head_dim)`` — at prefill
+    these are the prompt's queries, so a scorer takes its observation window as ``query[:, :, -w:]`` without any
+    recomputation and without materialising full attention.
+    """
+
+    layer_idx: int
+    num_layers: int
+    phase: str  # "prefill" or "decode"
+    query: torch.Tensor
+    module: torch.nn.Module
+    cache: KVCompressCache
+    state: dict[str, Any]  # per-layer, per-compressor scratch space that persists across steps
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.query.shape[1] // self.cache.num_kv_heads
+
+    @property
+    def scaling(self) -> float:
+        return float(getattr(self.module, "scaling", self.query.shape[-1] ** -0.5))
+
+
+@dataclass
+class Compressor:
+    """Base class: hyperparameters are dataclass fields with defaults, validated in ``__post_init__``.
+
+    Subclasses set ``name`` and ``axis`` and implement :meth:`select` (layer/head/token axes).
+    """
+
+    name: ClassVar[str] = ""
+    axis: ClassVar[Axis | None] = None
+    #: phases in which the compressor acts; "decode" means it also keeps the cache within budget while generating
+    phases: ClassVar[tuple[str, ...]] = ("prefill",)
+
+    def __post_init__(self) -> None:
+        if hasattr(self, "ratio"):
+            self.ratio = check_ratio(self.ratio)
+        if getattr(self, "budget", None) is not None:
+            self.budget = check_positive_int(self.budget, "budget")
+
+    def active(self, phase: str) -> bool:
+        return phase in self.phases
+
+    def select(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
+        """Return the keep mask ``(batch, kv_heads, n)``, a subset of ``view.valid``."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.params().items())
+        return f"{self.name}({args})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry
+
+REGISTRY: dict[str, type[Compressor]] = {}
+
+
+def register(cls: type[Compressor]) -> type[Compressor]:
+    """Class decorator: make a method available by its ``name`` (CLI, ``compress()``, the shared test matrix)."""
+    if not cls.name:
+        raise TypeError(f"{cls.__qualname__} needs a non-empty `name`")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise TypeError(f"method name {cls.name!r} is registered twice ({REGISTRY[cls.name].__qualname__})")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(REGISTRY)
+
+
+def get_method(name: str) -> type[Compressor]:
+    _load_builtin_methods()
+    if name not in REGISTRY:
+        raise unknown_choice("method", name, REGISTRY)
+    return REGISTRY[name]
+
+
+def _load_builtin_methods() -> None:
+    import kvcompress.methods  # noqa: F401  (importing registers every method)
+
+
+def make_compressor(name: str, **params: Any) -> Compressor:
+    cls = get_method(name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        valid = ", ".join(sorted(fields)) or "(none)"
+        raise KVCompressError(f"unknown parameter {unknown[0]!r} for method {name!r}; valid: {valid}")
+    return cls(**params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Budgets and top-k selection shared by the selection methods
+
+
+def kept_counts(n_valid: torch.Tensor, ratio: float = 1.0, budget: int | None = None) -> torch.Tensor:
+    """Entries to keep per (row, head): ``min(budget, n)`` if a budget is given, else ``clamp(round(ratio·n), 1, n)``.
+
+    Never empties a non-empty head, never exceeds what is there (a budget larger than the context keeps everything).
+    """
+    if budget is not None:
+        return torch.minimum(n_valid, torch.full_like(n_valid, budget))
+    kept = torch.round(n_valid.double() * ratio).long()
+    return torch.minimum(torch.clamp(kept, min=1), n_valid)
+
+
+def topk_mask(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Keep the ``k[b, h]`` highest-scoring valid entries of each (row, head).
+
+    Ties are broken towards the earlier position (stable sort), so selection is deterministic.
+    """
+    scores = scores.float().masked_fill(~valid, float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (rank < k.unsqueeze(-1)) & valid
+
+
+def sink_and_recent_mask(view: LayerView, sink: int, kept: torch.Tensor) -> torch.Tensor:
+    """Keep the first ``sink`` valid entries and the most recent ``kept − sink`` of each (row, head)."""
+    rank = view.rank()
+    n = view.counts.unsqueeze(-1)
+    recent = (kept.unsqueeze(-1) - sink).clamp(min=0)
+    return view.valid & ((rank < sink) | (rank >= n - recent))
+
+
+def counter_hash(*parts: torch.Tensor | int) -> torch.Tensor:
+    """A counter-based pseudo-random number in [0, 1) from integer inputs (broadcast), SplitMix64-style.
+
+    Unlike a stateful generator, the value for (seed, layer, head, rank) does not depend on the batch it is drawn in,
+    which keeps batched rows independent of one another.
+    """
+    mask = (1 << 62) - 1
+    x = torch.zeros((), dtype=torch.long)
+    for i, p in enumerate(parts):
+        p = torch.as_tensor(p, dtype=torch.long)
+        x = (x * 1_000_003 + p + (i + 1) * 0x9E3779B9) & mask
+        x = ((x ^ (x >> 31)) * 0x5851F42D) & mask
+        x = ((x ^ (x >> 29)) * 0x14057B7E) & mask
+        x = x ^ (x >> 32)
+    return (x & ((1 << 24) - 1)).double() / float(1 << 24)
