@@ -1,1 +1,8 @@
-"""Compression methods, one small file each. Importing this package registers them all."""
+"""Compression methods, one small file each; importing this package registers them all.
+
+Adding a method: write ``methods/<name>.py`` with a ``@register``-ed ``Compressor`` dataclass whose docstring cites
+its paper and states its defaults, add its import below and ``configs/method/<name>.yaml``; the shared test matrix
+(tests/test_method_matrix.py) picks it up from the registry.
+"""
+
+from . import full, random, streaming  # noqa: F401
