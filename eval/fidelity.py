@@ -1,0 +1,73 @@
+"""Fidelity to the full cache: how much a compressed cache changes what the same model generates.
+
+For each sample (a seeded prompt of ``context`` tokens):
+
+* ``token_agreement`` — fraction of the ``new_tokens`` greedy tokens generated with the compressed cache that equal
+  those generated with the full cache (free-running, so one divergence can carry on);
+* ``top1_agreement`` and ``kl`` — teacher-forced on the full-cache continuation: at each step, whether the compressed
+  cache's next-token argmax equals the full cache's, and ``KL(p_full || p_compressed)`` in nats.
+
+These measure the cache, not the model: they are meaningful for any model, random-init ones included, but they are
+not task accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+CacheFactory = Callable[[], Any]
+
+
+def _prompt(vocab_size: int, length: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (1, length), generator=g)
+
+
+@torch.no_grad()
+def _continuation_logits(model: torch.nn.Module, prompt: torch.Tensor, tokens: list[int], cache: Any) -> torch.Tensor:
+    """Next-token logits after the prompt and after each of ``tokens[:-1]`` (teacher forcing), one step at a time."""
+    out = model(prompt, past_key_values=cache, logits_to_keep=1)
+    logits = [out.logits[0, -1].float()]
+    for tok in tokens[:-1]:
+        out = model(torch.tensor([[tok]], device=prompt.device), past_key_values=cache)
+        logits.append(out.logits[0, -1].float())
+    return torch.stack(logits)
+
+
+@torch.no_grad()
+def run(model: torch.nn.Module, make_cache: CacheFactory, cfg: Any, seed: int = 0, tokenizer: Any = None) -> dict[str, Any]:
+    """Returns the accuracy block and the cache of the last sample (for its memory report)."""
+    context, new_tokens, samples = int(cfg.context), int(cfg.new_tokens), int(cfg.samples)
+    vocab = model.config.get_text_config().vocab_size
+    device = next(model.parameters()).device
+    token_agree, top1, kls = [], [], []
+    last_cache = None
+    for i in tqdm(range(samples), desc="fidelity", leave=False):
+        prompt = _prompt(vocab, context, seed * 1000 + i).to(device)
+        full = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, past_key_values=DynamicCache())
+        ref_tokens = full[0, context:].tolist()
+        cache = make_cache()
+        ours = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, past_key_values=cache)
+        our_tokens = ours[0, context:].tolist()
+        token_agree.append(sum(a == b for a, b in zip(our_tokens, ref_tokens)) / len(ref_tokens))
+        ref_logits = _continuation_logits(model, prompt, ref_tokens, DynamicCache())
+        last_cache = make_cache()
+        our_logits = _continuation_logits(model, prompt, ref_tokens, last_cache)
+        top1.append((our_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item())
+        log_p, log_q = torch.log_softmax(ref_logits, -1), torch.log_softmax(our_logits, -1)
+        kls.append((log_p.exp() * (log_p - log_q)).sum(-1).mean().item())
+    return {
+        "task": "fidelity",
+        "samples": samples,
+        "context": context,
+        "new_tokens": new_tokens,
+        "token_agreement": sum(token_agree) / samples,
+        "top1_agreement": sum(top1) / samples,
+        "kl": sum(kls) / samples,
+        "_cache": last_cache,
+    }

@@ -1,0 +1,114 @@
+"""Model loading for runs: built-in models (made here, no download) or any local Hugging Face directory / hub id."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+
+from .api import check_architecture
+from .errors import KVCompressError, unknown_choice
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase | None
+    name: str
+    constructed: bool = False  # weights set by construction (the testbed), not learned
+    random_init: bool = False  # accuracy is meaningless
+    note: str = ""
+
+
+def _tiny_random(dtype: torch.dtype) -> LoadedModel:
+    """A 4-layer Llama (hidden 256, 8 query / 2 KV heads, head_dim 32), random init with a fixed seed."""
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=16384,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    torch.random.set_rng_state(generator_state)
+    return LoadedModel(
+        model.eval(),
+        None,
+        "tiny-random",
+        random_init=True,
+        note="random-init model: accuracy is meaningless; memory and fidelity-to-full-cache are real",
+    )
+
+
+BUILTIN: dict[str, Callable[[torch.dtype], LoadedModel]] = {"tiny-random": _tiny_random}
+
+
+def register_builtin(name: str, factory: Callable[[torch.dtype], LoadedModel]) -> None:
+    BUILTIN[name] = factory
+
+
+def load_model(model_cfg: Any, dtype: str | None = None, device: str = "cpu") -> LoadedModel:
+    """Load the model a run's ``model`` config describes (``builtin:`` name or ``path:`` to a directory / hub id)."""
+    dtype_name = dtype or model_cfg.get("dtype") or "float32"
+    if dtype_name not in DTYPES:
+        raise unknown_choice("dtype", dtype_name, DTYPES)
+    torch_dtype = DTYPES[dtype_name]
+    builtin = model_cfg.get("builtin")
+    path = model_cfg.get("path")
+    if path:  # an explicit path wins over a built-in name (model.path=DIR on any model config)
+        loaded = _from_pretrained(str(path), torch_dtype)
+    elif builtin:
+        _load_builtin_plugins()
+        if builtin not in BUILTIN:
+            raise unknown_choice("built-in model", builtin, BUILTIN)
+        loaded = BUILTIN[builtin](torch_dtype)
+    else:
+        raise KVCompressError(f"model {model_cfg.get('name')!r} has neither `builtin` nor `path`; set model.path=DIR")
+    check_architecture(loaded.model)
+    loaded.model.to(device)
+    return loaded
+
+
+def _from_pretrained(path: str, dtype: torch.dtype) -> LoadedModel:
+    local = Path(path).expanduser()
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not local.is_dir() and (offline or path.startswith((".", "/", "~"))):
+        raise KVCompressError(
+            f"unknown model path {path!r}: no such local directory"
+            + (" (and HF_HUB_OFFLINE=1, so hub ids cannot be fetched)" if offline else "")
+            + "; valid: a directory with config.json, or a built-in model (model=tiny-random | model=testbed)"
+        )
+    source = str(local) if local.is_dir() else path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    except OSError as err:
+        raise KVCompressError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        tokenizer = None
+    return LoadedModel(model.eval(), tokenizer, Path(path).name or path)
+
+
+def _load_builtin_plugins() -> None:
+    """Built-in models defined outside this module register themselves on import."""
+    try:
+        import kvcompress.zoo.builtin  # noqa: F401
+    except ImportError:
+        pass

@@ -1,0 +1,179 @@
+"""``python -m kvcompress.run method=streaming ratio=0.1`` — compress, evaluate, measure, append a results row.
+
+Hydra overrides (``key=value``), config groups ``method``, ``model`` and ``eval`` (one YAML file per option under
+``configs/``), sweeps with ``-m``::
+
+    python -m kvcompress.run method=streaming ratio=0.1
+    python -m kvcompress.run method=[streaming,random] ratio=0.5     # composition (also method=streaming+random)
+    python -m kvcompress.run -m method=streaming,random ratio=0.1,0.5
+    python -m kvcompress.run method=streaming method.streaming.sink=8 results=out/rows.jsonl
+
+Each evaluated configuration appends one JSON row: the resolved config, the memory block, the accuracy block and
+provenance. Bad input stops the run with a one-line ``error:`` before any computation; rows already in the
+results file are never rewritten.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+import kvcompress
+
+from .api import build_pipeline
+from .compressor import available_methods
+from .errors import KVCompressError, unknown_choice
+from .models import load_model
+from .results import append_row, check_writable, provenance
+
+CONFIG_DIR = Path(importlib.import_module("kvcompress.configs").__file__).parent
+GROUPS = ("method", "model", "eval")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def preflight(argv: list[str]) -> list[str]:
+    """Validate command-line overrides with one-line errors before Hydra sees them; rewrite ``method=a+b``."""
+    top_keys = set(yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())) - {"defaults"}
+    out = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            out.append(arg)
+            continue
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "method" and "+" in value and "," not in value and "[" not in value:
+            arg = f"{key}=[{value.replace('+', ',')}]"
+        out.append(arg)
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in out if not a.startswith("-") and "=" in a])
+    except HydraException as err:
+        raise KVCompressError(f"cannot parse overrides: {str(err).splitlines()[0]}") from None
+    for ov in overrides:
+        key = ov.key_or_group
+        top = key.split(".")[0].split("/")[0]
+        if top == "hydra" or ov.is_add() or ov.is_delete():
+            continue
+        if key in GROUPS:
+            values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else ov.value()
+            values = values if isinstance(values, list) else [values]
+            for value in values:
+                for name in re.split(r"[\[\],\s]+", str(value)):
+                    if name and name not in group_options(key):
+                        valid = available_methods() if key == "method" else group_options(key)
+                        raise unknown_choice(key, name, valid)
+        elif top not in top_keys and top not in GROUPS:
+            raise unknown_choice("config key", top, sorted(top_keys | set(GROUPS)))
+    return out
+
+
+def method_spec(cfg: DictConfig) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    if isinstance(method, str):  # method given as a plain string in a custom config
+        return method.split("+"), {}
+    return list(method), {name: dict(params or {}) for name, params in method.items()}
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """Run one configuration end to end and append its results row. Returns the row."""
+    torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(int(cfg.seed))
+    results_path = check_writable(cfg.results)
+    names, params = method_spec(cfg)
+    build_pipeline(names, ratio=cfg.ratio, budget=cfg.budget, params=params)  # validate before loading anything
+    eval_module = _eval_module(cfg.eval.name)
+    loaded = load_model(cfg.model, cfg.dtype, cfg.device)
+    model = loaded.model
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    needed = int(cfg.eval.get("context", 0)) + int(cfg.eval.get("new_tokens", 0))
+    if limit is not None and needed > limit:
+        raise KVCompressError(
+            f"eval.context={cfg.eval.get('context')} (+{cfg.eval.get('new_tokens', 0)} new tokens) exceeds the model's "
+            f"limit of {limit} positions; valid: context + new_tokens <= {limit}"
+        )
+
+    def make_cache() -> kvcompress.KVCompressCache:
+        return kvcompress.compress(model, names, ratio=cfg.ratio, budget=cfg.budget, params=params)
+
+    accuracy = eval_module.run(model, make_cache, cfg.eval, seed=int(cfg.seed), tokenizer=loaded.tokenizer)
+    cache = accuracy.pop("_cache")
+    if loaded.note:
+        accuracy["note"] = loaded.note
+    memory = cache.memory_report()
+    memory["pipeline"] = [c.describe() for c in cache.compressors] or ["full"]
+    row = {
+        "method": "+".join(names),
+        "ratio": cfg.ratio,
+        "budget": cfg.budget,
+        "model": {"name": loaded.name, "constructed": loaded.constructed, "random_init": loaded.random_init},
+        "task": cfg.eval.name,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "memory": memory,
+        "accuracy": accuracy,
+        "provenance": provenance(int(cfg.seed), str(cfg.device), int(cfg.threads)),
+    }
+    append_row(results_path, row)
+    if cfg.print_summary:
+        print(summary_table(row, results_path))
+    return row
+
+
+def _eval_module(name: str) -> Any:
+    if name not in group_options("eval"):
+        raise unknown_choice("eval", name, group_options("eval"))
+    return importlib.import_module(f"kvcompress.eval.{name}")
+
+
+def summary_table(row: dict[str, Any], results_path: Path) -> str:
+    mem, acc = row["memory"], row["accuracy"]
+    lines = [
+        ("method", f"{row['method']}  ({'; '.join(mem['pipeline'])})"),
+        ("model", row["model"]["name"] + ("  [random init: accuracy meaningless]" if row["model"]["random_init"] else "")),
+        ("context tokens", str(mem["context_tokens"])),
+        ("KV dense", f"{mem['dense_bytes'] / 2**20:.3f} MiB"),
+        ("KV kept", f"{mem['kept_bytes'] / 2**20:.3f} MiB  (resident {mem['resident_bytes'] / 2**20:.3f} MiB)"),
+        ("kept fraction", f"{mem['kept_fraction']:.4f}"),
+    ]
+    for key, value in acc.items():
+        if key not in ("task", "note") and isinstance(value, (int, float)):
+            lines.append((f"{acc.get('task', row['task'])}.{key}", f"{value:.4f}" if isinstance(value, float) else str(value)))
+    if "note" in acc:
+        lines.append(("note", acc["note"]))
+    lines.append(("results", f"appended to {results_path}"))
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+
+@hydra.main(version_base=None, config_path="pkg://kvcompress.configs", config_name="config")
+def _hydra_entry(cfg: DictConfig) -> None:
+    try:
+        run_config(cfg)
+    except KVCompressError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        args = preflight(args)
+    except KVCompressError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0], *args]
+    _hydra_entry()
+
+
+if __name__ == "__main__":
+    main()
