@@ -33,6 +33,7 @@ import kvcompress
 from .api import build_pipeline
 from .compressor import available_methods
 from .errors import KVCompressError, unknown_choice
+from .latency import latency_block
 from .models import load_model
 from .results import append_row, check_writable, provenance
 
@@ -112,6 +113,15 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
         accuracy["note"] = loaded.note
     memory = cache.memory_report()
     memory["pipeline"] = [c.describe() for c in cache.compressors] or ["full"]
+    lat = cfg.latency
+    latency = latency_block(
+        model.config,
+        memory,
+        hardware=lat.hardware,
+        output_tokens=int(lat.output_tokens),
+        target=OmegaConf.to_container(lat.deployment, resolve=True),
+        efficiency=lat.efficiency,
+    )
     row = {
         "method": "+".join(names),
         "ratio": cfg.ratio,
@@ -121,6 +131,7 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
         "memory": memory,
         "accuracy": accuracy,
+        "latency": latency,
         "provenance": provenance(int(cfg.seed), str(cfg.device), int(cfg.threads)),
     }
     append_row(results_path, row)

@@ -38,6 +38,11 @@ def test_run_appends_a_complete_row(tmp_path: Path) -> None:
     assert len(mem["kept_tokens"]) == 4 and len(mem["kept_tokens"][0]) == 2  # layers x KV heads
     assert {"token_agreement", "top1_agreement", "kl"} <= set(row["accuracy"])
     assert "meaningless" in row["accuracy"]["note"]
+    latency = row["latency"]
+    assert latency["evaluated"]["label"] == "evaluated" and latency["deployment"]["label"] == "deployment"
+    assert latency["deployment"]["model"] == "yi-34b-200k" and latency["deployment"]["context"] == 50000
+    assert latency["deployment"]["ratio"]["kv_bytes"] == pytest.approx(mem["kept_fraction"], rel=1e-6)
+    assert latency["deployment"]["concurrency"] > latency["deployment"]["baseline"]["concurrency"]
     prov = row["provenance"]
     assert {"kvcompress", "git_commit", "torch", "transformers", "device", "seed", "timestamp"} <= set(prov)
 
