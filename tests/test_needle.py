@@ -1,0 +1,96 @@
+"""Needle / passkey generator and haystack: sizing, placement, distractors, determinism, scoring."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from kvcompress.eval import haystack
+from kvcompress.eval.needle import KEY_WORDS, make_needle_samples, score_contains, score_exact_match
+from kvcompress.zoo.tokenizer import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_pydoc_haystack_is_prose():
+    sents = haystack.pydoc_sentences()
+    assert len(sents) > 1000
+    assert all(s[-1] in ".!?" and "::=" not in s for s in sents)
+
+
+def test_noise_and_directory_sources(tmp_path):
+    assert haystack.load_sentences("noise")[0] == "The grass is green."
+    (tmp_path / "a.txt").write_text("First sentence of the file is here. Second sentence follows right after it.\n")
+    assert haystack.load_sentences(tmp_path) == (
+        "First sentence of the file is here.",
+        "Second sentence follows right after it.",
+    )
+
+
+def test_sizes_and_placement(tok):
+    samples = make_needle_samples(tok, [256, 1024, 2048], [0.0, 0.25, 0.5, 0.75, 1.0], seed=0)
+    assert len(samples) == 15
+    for s in samples:
+        assert s.context_length - 120 <= s.num_tokens <= s.context_length
+        assert s.num_tokens == len(tok(s.prompt)["input_ids"])
+        a, b = s.needle_char_span
+        assert s.prompt[a:b] == s.needle == f"The special magic number for {s.key} is {s.answer}."
+        assert s.prompt.count(s.needle) == 1
+        # the needle starts a sentence (sentence boundary) and its token span decodes to it
+        assert a == 0 or s.prompt[a - 1] == " "
+        ids = tok(s.prompt)["input_ids"]
+        assert tok.decode(ids[slice(*s.needle_token_span)]).strip() == s.needle
+        assert tok.decode(ids[slice(*s.value_token_span)]).strip() == s.answer
+        assert s.prompt.rstrip().endswith(f"The special magic number for {s.key} is")
+        assert len(s.distractor_keys) == 3 and s.key not in s.distractor_keys
+        assert len(set(s.distractor_values + [s.answer])) == 4
+        groups = [set(re.findall(r"\d{1,3}", v)) for v in [s.answer, *s.distractor_values]]
+        assert all(not (groups[i] & groups[j]) for i in range(4) for j in range(i + 1, 4))
+        body = s.prompt
+        for k in [s.key, *s.distractor_keys]:  # keys appear only in their needle (and the question)
+            assert len(re.findall(rf"\b{k}\b", body, flags=re.I)) == (3 if k == s.key else 1)
+        assert s.key in KEY_WORDS
+    for length in (1024, 2048):
+        d = [s.actual_depth for s in samples if s.context_length == length]
+        assert d == sorted(d) and d[0] < 0.1 and d[-1] > 0.9
+
+
+def test_deterministic_given_seed(tok):
+    a = make_needle_samples(tok, [512], [0.3, 0.6], seed=11)
+    b = make_needle_samples(tok, [512], [0.3, 0.6], seed=11)
+    c = make_needle_samples(tok, [512], [0.3, 0.6], seed=12)
+    assert [s.to_dict() for s in a] == [s.to_dict() for s in b]
+    assert [s.prompt for s in a] != [s.prompt for s in c]
+
+
+def test_templates(tok):
+    (p,) = make_needle_samples(tok, [400], [0.5], template="passkey")
+    assert "The grass is green." in p.prompt and p.prompt.endswith("The pass key is")
+    assert 1 <= int(p.answer) <= 50000 and p.distractor_keys == []
+    (k,) = make_needle_samples(tok, [400], [0.5], template="kamradt")
+    assert k.answer.startswith("eat a sandwich")
+    with pytest.raises(ValueError):
+        make_needle_samples(tok, [400], [0.5], template="passkey", num_distractors=2)
+    with pytest.raises(ValueError):
+        make_needle_samples(tok, [400], [1.5])
+    with pytest.raises(ValueError):
+        make_needle_samples(tok, [400], [0.5], template="nope")
+
+
+def test_num_samples_and_value_digits(tok):
+    samples = make_needle_samples(tok, [300], [0.5], num_samples=4, value_digits=3, num_distractors=1)
+    assert len(samples) == 4 and len({s.answer for s in samples}) == 4
+    assert all(len(s.answer) == 3 and len(s.distractor_values) == 1 for s in samples)
+
+
+def test_scoring():
+    assert score_exact_match(" 4827193.", "4827193") == 1.0
+    assert score_exact_match("4827193 is the number", "4827193") == 1.0
+    assert score_exact_match("48271935", "4827193") == 0.0
+    assert score_exact_match("the number is 4827193", "4827193") == 0.0
+    assert score_exact_match("Eat a  sandwich", "eat a sandwich") == 1.0
+    assert score_contains("the number is 4827193", "4827193") == 1.0
