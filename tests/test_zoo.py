@@ -205,3 +205,30 @@ def test_keeping_only_needle_and_window_still_answers(loaded):
         # and the same budget without the needle fails
         cache = kvc.compress(model, KeepSpans(spans=((0, 4),), window=8 + s.needle_token_span[1] - s.needle_token_span[0]))
         assert score_exact_match(testbed.answer(model, tok, s, cache), s.answer) == 0.0
+
+
+def test_learned_recipe_composer_and_smoke_step(tmp_path):
+    """The learned recipe (GPU-scale in its config) composes exact-length samples and runs a training step on CPU."""
+    import random
+
+    from kvcompress.zoo import train as tr
+    from kvcompress.zoo.tokenizer import build_tokenizer
+
+    cfg = tr.load_config(None, [f"out_dir={tmp_path}"])
+    tok = build_tokenizer()
+    data = tr.SyntheticRetrieval(tok, cfg["data"])
+    a = [data.sample(random.Random(0), 300) for _ in range(3)]
+    b = [data.sample(random.Random(0), 300) for _ in range(3)]
+    assert a == b and all(len(ids) == len(w) == 300 for ids, w in a)
+    rng = random.Random(1)
+    for _ in range(10):
+        ids, w = data.sample(rng, 256)
+        answer = [t for t, x in zip(ids, w) if x == cfg["data"]["answer_loss_weight"] and x != cfg["data"]["text_loss_weight"]]
+        text = tok.decode(ids)
+        if answer:
+            assert text.rstrip().endswith(tok.decode(answer).strip()) and " is" in tok.decode(ids[-len(answer) - 1 : -len(answer)])
+    over = [f"out_dir={tmp_path}", "optim.steps=1", "optim.warmup_steps=1", "data.lengths=[128]", "data.tokens_per_batch=256",
+            "model.hidden_size=64", "model.intermediate_size=64", "model.num_hidden_layers=1", "model.num_attention_heads=2",
+            "model.num_key_value_heads=1", "model.head_dim=32", "eval.every=0"]
+    out = tr.train(tr.load_config(None, over))
+    assert (out / "config.json").is_file() and (out / "train_log.jsonl").read_text().count("\n") == 1
