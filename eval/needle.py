@@ -98,7 +98,7 @@ class NeedleSample:
     distractor_values: list[str] = field(default_factory=list)
     distractor_char_spans: list[tuple[int, int]] = field(default_factory=list)
     actual_depth: float = 0.0  # needle start token / prompt tokens
-    max_new_tokens: int = 16  # answer tokens + 2
+    max_new_tokens: int = 16  # answer tokens + 2 (run() generates answer tokens + 1)
     seed: int = 0
     index: int = 0  # sample index within its (length, depth) cell
 
@@ -322,3 +322,55 @@ def _one_sample(tokenizer, sent_len, tpl, template, length, depth, index, seed, 
         seed=seed,
         index=index,
     )
+
+
+def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
+    """Evaluation entry point (``kvcompress.run`` protocol): needle exact match through ``model.generate``.
+
+    ``cfg`` keys (all optional): ``lengths`` (default [1024]), ``depths`` (default 0, 0.1, …, 1), ``template``
+    (``magic_number``), ``num_distractors`` (template default), ``samples`` (per length × depth cell, 1),
+    ``value_digits`` (7), ``haystack`` (template default), ``new_tokens`` (default: answer tokens + 1).
+    Returns flat metrics: ``exact_match`` overall, ``exact_match@<length>`` per length, ``exact_match@d<depth>`` per
+    depth, plus ``_cache`` (the last sample's cache, for the memory report).
+    """
+    import torch
+
+    if tokenizer is None:
+        raise ValueError("the needle evaluation needs the model's tokenizer (model has none)")
+
+    def get(key, default):
+        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+        return default if value is None else value
+
+    lengths = [int(x) for x in get("lengths", [1024])]
+    depths = [float(x) for x in get("depths", [i / 10 for i in range(11)])]
+    template = str(get("template", "magic_number"))
+    samples = make_needle_samples(
+        tokenizer, lengths, depths, template=template, num_distractors=get("num_distractors", None),
+        haystack=get("haystack", None), seed=seed, num_samples=int(get("samples", 1)),
+        value_digits=int(get("value_digits", 7)),
+    )
+    device = next(model.parameters()).device
+    fixed_new = get("new_tokens", None)
+    hits: list[tuple[int, float, float]] = []
+    cache = None
+    with torch.no_grad():
+        for s in samples:
+            enc = tokenizer(s.prompt, return_tensors="pt").to(device)
+            cache = make_cache()
+            out = model.generate(
+                **enc, past_key_values=cache, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                max_new_tokens=int(fixed_new) if fixed_new else s.max_new_tokens - 1,
+            )
+            pred = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            hits.append((s.context_length, s.depth, score_exact_match(pred, s.answer)))
+    result: dict = {"task": "needle", "template": template, "samples": len(hits)}
+    result["exact_match"] = sum(h for _, _, h in hits) / max(1, len(hits))
+    for length in lengths:
+        cell = [h for n, _, h in hits if n == length]
+        result[f"exact_match@{length}"] = sum(cell) / max(1, len(cell))
+    for depth in depths:
+        cell = [h for _, d, h in hits if d == depth]
+        result[f"exact_match@d{depth:g}"] = sum(cell) / max(1, len(cell))
+    result["_cache"] = cache
+    return result

@@ -232,3 +232,12 @@ def test_learned_recipe_composer_and_smoke_step(tmp_path):
             "model.num_key_value_heads=1", "model.head_dim=32", "eval.every=0"]
     out = tr.train(tr.load_config(None, over))
     assert (out / "config.json").is_file() and (out / "train_log.jsonl").read_text().count("\n") == 1
+
+
+def test_needle_eval_entry_point(loaded):
+    from kvcompress.eval import needle
+
+    model, tok = loaded
+    res = needle.run(model, lambda: DynamicCache(), {"lengths": [256, 512], "depths": [0.0, 0.5, 1.0]}, tokenizer=tok)
+    assert res["task"] == "needle" and res["samples"] == 6 and res["exact_match"] == 1.0
+    assert res["exact_match@512"] == 1.0 and res["exact_match@d0.5"] == 1.0 and "_cache" in res
