@@ -34,7 +34,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .compressor import Axis, CompressionContext, Compressor, LayerView
+from .compressor import Axis, Codec, CompressionContext, Compressor, HiddenCompressor, LayerView
 from .errors import KVCompressError
 
 _ACTIVE = threading.local()  # the layer whose `update` ran last: the attention call that follows belongs to it
@@ -46,16 +46,33 @@ def active_layer() -> KVCompressLayer | None:
 
 @dataclass
 class Segment:
-    """KV entries of the (row, head) pairs ``(rows[i], heads[i])``, each keeping the same number of tokens."""
+    """KV entries of the (row, head) pairs ``(rows[i], heads[i])``, each holding ``count`` tokens.
+
+    Stored either in full precision (``keys``/``values``) or encoded by a hidden-axis codec (``codec``). A pair may
+    appear in several segments; for each pair, segments are in position order (older first), then the buffer.
+    """
 
     rows: torch.Tensor  # (pairs,) long
     heads: torch.Tensor  # (pairs,) long
-    keys: torch.Tensor  # (pairs, count, head_dim)
-    values: torch.Tensor  # (pairs, count, head_dim)
+    keys: torch.Tensor | None  # (pairs, count, head_dim), None when encoded
+    values: torch.Tensor | None
     positions: torch.Tensor | None = None  # (pairs, count) — only with cache.trace (diagnostic, not counted)
+    codec: Codec | None = None
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.keys is not None:
+            self.count = self.keys.shape[1]
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-precision keys and values (decoded on the fly if encoded)."""
+        if self.codec is not None:
+            return self.codec.decode()
+        return self.keys, self.values
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.rows, self.heads, self.keys, self.values]
+        payload = self.codec.tensors() if self.codec is not None else [self.keys, self.values]
+        return [self.rows, self.heads, *payload]
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -91,6 +108,7 @@ class KVCompressLayer(CacheLayerMixin):
         self.pad: list[int] | None = None  # left-padding per row, from the prefill mask
         self.positions: torch.Tensor | None = None  # buffer positions (batch, kv_heads, capacity), trace only
         self.state: dict[str, Any] = {}
+        self.pending: tuple[Any, ...] | None = None  # deferred prefill selection (cross-layer compressors)
         self._returned_key: torch.Tensor | None = None
 
     # -- CacheLayerMixin ------------------------------------------------------------------------------------
@@ -203,12 +221,13 @@ class KVCompressLayer(CacheLayerMixin):
         if self.pristine and self.pad is not None:
             kept -= torch.tensor(self.pad, dtype=torch.float).unsqueeze(-1)
         for seg in self.segments:
-            kept[seg.rows, seg.heads] += seg.keys.shape[1]
+            kept[seg.rows, seg.heads] += seg.count
         return kept
 
     # -- views for the compressors --------------------------------------------------------------------------
     def materialize(self, padding_valid: torch.Tensor | None) -> LayerView:
-        """The layer as a rectangle ``(batch, kv_heads, n, head_dim)`` with a validity mask (entries in position order).
+        """The layer as a rectangle ``(batch, kv_heads, n, head_dim)`` with a validity mask (entries in position order;
+        encoded segments are decoded).
 
         padding_valid: ``(batch, length)`` bool for a pristine layer (False on left padding), from the model's mask.
         """
@@ -220,23 +239,33 @@ class KVCompressLayer(CacheLayerMixin):
         buf_pos = self.positions[:, :, : self.length] if self.positions is not None else None
         if not self.segments:
             return LayerView(buf_k, buf_v, buf_valid, buf_pos)
-        longest = max(seg.keys.shape[1] for seg in self.segments)
-        d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
-        seg_k = buf_k.new_zeros((b, h, longest, d_k))
-        seg_v = buf_v.new_zeros((b, h, longest, d_v))
-        seg_valid = torch.zeros(b, h, longest, dtype=torch.bool, device=buf_k.device)
-        seg_pos = torch.full((b, h, longest), -1, dtype=torch.long) if buf_pos is not None else None
+        fill = torch.zeros(b, h, dtype=torch.long)
         for seg in self.segments:
-            c = seg.keys.shape[1]
-            seg_k[seg.rows, seg.heads, :c] = seg.keys
-            seg_v[seg.rows, seg.heads, :c] = seg.values
-            seg_valid[seg.rows, seg.heads, :c] = True
-            if seg_pos is not None and seg.positions is not None:
-                seg_pos[seg.rows, seg.heads, :c] = seg.positions
-        positions = torch.cat([seg_pos, buf_pos], -1) if seg_pos is not None else None
-        return LayerView(
-            torch.cat([seg_k, buf_k], -2), torch.cat([seg_v, buf_v], -2), torch.cat([seg_valid, buf_valid], -1), positions
-        )
+            fill[seg.rows, seg.heads] += seg.count
+        width = int(fill.max()) + self.length
+        keys = buf_k.new_zeros((b, h, width, buf_k.shape[-1]))
+        values = buf_v.new_zeros((b, h, width, buf_v.shape[-1]))
+        valid = torch.zeros(b, h, width, dtype=torch.bool, device=buf_k.device)
+        positions = torch.full((b, h, width), -1, dtype=torch.long) if getattr(self.cache, "trace", False) else None
+        fill.zero_()
+
+        def put(rows, heads, k, v, pos):
+            idx = fill[rows, heads].unsqueeze(-1) + torch.arange(k.shape[1])
+            r, hh = rows.unsqueeze(-1), heads.unsqueeze(-1)
+            keys[r, hh, idx], values[r, hh, idx], valid[r, hh, idx] = k, v, True
+            if positions is not None and pos is not None:
+                positions[r, hh, idx] = pos
+            fill[rows, heads] += k.shape[1]
+
+        for seg in self.segments:
+            seg_k, seg_v = seg.kv()
+            put(seg.rows, seg.heads, seg_k, seg_v, seg.positions)
+        if self.length:
+            rows = torch.arange(b).repeat_interleave(h)
+            heads = torch.arange(h).repeat(b)
+            put(rows, heads, buf_k.reshape(b * h, self.length, -1), buf_v.reshape(b * h, self.length, -1),
+                buf_pos.reshape(b * h, -1) if buf_pos is not None else None)
+        return LayerView(keys, values, valid, positions)
 
     def store(self, view: LayerView) -> None:
         """Replace the layer's content by the valid entries of ``view``: uniform counts go to an exact-size buffer,
@@ -278,6 +307,40 @@ class KVCompressLayer(CacheLayerMixin):
         self.values = view.values.new_empty((b, h, 0, d_v))
         self.length = 0
         self.positions = view.keys.new_empty((b, h, 0), dtype=torch.long) if flat_pos is not None else None
+
+    def encode(self, comp: HiddenCompressor, ctx: CompressionContext) -> bool:
+        """Hand full-precision entries to a hidden-axis codec: every plain segment, and the buffer except its newest
+        ``residual_tokens`` (in whole ``chunk_tokens``). Returns whether anything was encoded."""
+        changed = False
+        for i, seg in enumerate(self.segments):
+            if seg.codec is None:
+                codec = comp.encode(seg.keys, seg.values, ctx)
+                self.segments[i] = Segment(seg.rows, seg.heads, None, None, seg.positions, codec=codec, count=seg.count)
+                changed = True
+        residual, chunk = comp.residual_tokens(), comp.chunk_tokens()
+        n = (self.length - residual) // chunk * chunk if self.length > residual else 0
+        if n <= 0:
+            return changed
+        b, h = self.keys.shape[:2]
+        keys = self.keys[:, :, :n].reshape(b * h, n, -1)
+        values = self.values[:, :, :n].reshape(b * h, n, -1)
+        if keys.untyped_storage().data_ptr() == self.keys.untyped_storage().data_ptr():
+            keys, values = keys.clone(), values.clone()  # the codec must not hold a view of the buffer
+        pos = self.positions[:, :, :n].reshape(b * h, n) if self.positions is not None else None
+        rows, heads = torch.arange(b).repeat_interleave(h), torch.arange(h).repeat(b)
+        self.segments.append(Segment(rows, heads, None, None, pos, codec=comp.encode(keys, values, ctx), count=n))
+        rest = self.length - n
+        if self.keys.shape[-2] > 2 * (rest + chunk) + 16:  # a prefill-sized buffer: release it, keep the residual
+            self.keys = self.keys[:, :, n : self.length].clone()
+            self.values = self.values[:, :, n : self.length].clone()
+        else:  # decode: shift the residual to the front, keeping the capacity
+            self.keys[:, :, :rest] = self.keys[:, :, n : self.length].clone()
+            self.values[:, :, :rest] = self.values[:, :, n : self.length].clone()
+        if self.positions is not None:
+            self.positions = self.positions[:, :, n : self.length].clone()
+        self.length = rest
+        self.pristine = False
+        return True
 
     # -- attention ------------------------------------------------------------------------------------------
     def attend(
@@ -330,8 +393,9 @@ def _merged_attention(
         run_max[rows, heads] = new_max
 
     for seg in segments:
+        seg_k, seg_v = seg.kv()  # an encoded segment is decoded here, one segment at a time
         qs = q[seg.rows, seg.heads]  # (pairs, g*q_len, d)
-        merge((qs @ seg.keys.float().transpose(-1, -2)) * scaling, seg.values, seg.rows, seg.heads)
+        merge((qs @ seg_k.float().transpose(-1, -2)) * scaling, seg_v, seg.rows, seg.heads)
     if buf_k.shape[-2] > 0:
         scores = (q @ buf_k.float().transpose(-1, -2)) * scaling  # (b, h, g*q_len, n)
         if causal is not None:
@@ -352,6 +416,10 @@ class KVCompressCache(Cache):
         self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         self.sliding_window = getattr(text_config, "sliding_window", None)
         self.compressors = compressors
+        self.deferred = any(c.cross_layer for c in compressors)
+        self.shared: dict[str, dict[str, Any]] = {}
+        #: callables ``(layer_idx, probs (batch, q_heads, n), view)`` called at every decode step (q_len = 1)
+        self.observers: list[Any] = []
         self.trace = trace  # keep logical positions of kept entries (a diagnostic; not counted as cache memory)
         self.enabled = True
         super().__init__(layers=[KVCompressLayer(i, self) for i in range(self.num_layers)])
@@ -384,44 +452,97 @@ class KVCompressCache(Cache):
                 "compressing sliding-window layers beyond their window is not supported"
             )
         out = layer.attend(module, query, attention_mask, scaling, **kwargs)
+        if self.observers and q_len == 1:
+            self._notify(layer, query, attention_mask, scaling)
         phase = "prefill" if layer.logical == q_len else ("decode" if q_len == 1 else None)
-        if phase is not None and self.enabled:
-            self._compress(layer, module, query, attention_mask, phase)
+        padding_valid = _padding_validity(attention_mask, layer.length) if phase == "prefill" else None
+        if padding_valid is not None:
+            layer.pad = (~padding_valid).sum(-1).tolist()
+        if phase is not None and self.enabled and self.compressors:
+            if phase == "prefill":
+                self._prefill(layer, module, query, attention_mask)
+            else:
+                self._decode(layer, module, query, attention_mask)
         return out, None
 
-    def _compress(
-        self,
-        layer: KVCompressLayer,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        phase: str,
+    def _context(self, layer: KVCompressLayer, comp: Compressor, module: torch.nn.Module, query: torch.Tensor, phase: str):
+        return CompressionContext(
+            layer_idx=layer.layer_idx,
+            num_layers=self.num_layers,
+            phase=phase,
+            query=query,
+            module=module,
+            cache=self,
+            state=layer.state.setdefault(comp.name, {}),
+            shared=self.shared.setdefault(comp.name, {}),
+        )
+
+    def _prefill(
+        self, layer: KVCompressLayer, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> None:
         padding_valid = _padding_validity(attention_mask, layer.length)
-        if phase == "prefill" and padding_valid is not None:
-            layer.pad = (~padding_valid).sum(-1).tolist()
-        selectors = [c for c in self.compressors if c.axis in (Axis.LAYER, Axis.HEAD, Axis.TOKEN) and c.active(phase)]
-        if not selectors:
-            return
         view = layer.materialize(padding_valid)
+        for comp in self.compressors:
+            comp.observe(view, self._context(layer, comp, module, query, "prefill"))
+        if not self.deferred:
+            self._apply(layer, module, query, view, "prefill")
+            return
+        # A cross-layer compressor needs every layer's observation: hold each layer's last queries until the last
+        # layer has run, then select everywhere. Peak memory is then the uncompressed prefill cache.
+        window = max(c.query_window for c in self.compressors)
+        layer.pending = (module, query[:, :, -window:], padding_valid)
+        if layer.layer_idx == self.num_layers - 1:
+            for other in self.layers:
+                if other.pending is not None:
+                    mod, q, valid = other.pending
+                    other.pending = None
+                    self._apply(other, mod, q, other.materialize(valid), "prefill")
+
+    def _decode(
+        self, layer: KVCompressLayer, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> None:
+        if any(c.axis is not Axis.HIDDEN and c.active("decode") for c in self.compressors):
+            view = layer.materialize(_padding_validity(attention_mask, layer.length))
+            self._apply(layer, module, query, view, "decode")
+            return
+        for comp in self.compressors:
+            if comp.axis is Axis.HIDDEN and comp.active("decode"):
+                if layer.length >= comp.residual_tokens() + comp.chunk_tokens():
+                    layer.encode(comp, self._context(layer, comp, module, query, "decode"))
+
+    def _apply(
+        self, layer: KVCompressLayer, module: torch.nn.Module, query: torch.Tensor, view: LayerView, phase: str
+    ) -> None:
+        """Run the selection axes in order on ``view``, store what is kept, then hand it to the hidden axis."""
         before = view.valid
-        for comp in selectors:
-            ctx = CompressionContext(
-                layer_idx=layer.layer_idx,
-                num_layers=self.num_layers,
-                phase=phase,
-                query=query,
-                module=module,
-                cache=self,
-                state=layer.state.setdefault(comp.name, {}),
-            )
-            keep = comp.select(view, ctx)
+        for comp in self.compressors:
+            if comp.axis is Axis.HIDDEN or not comp.active(phase):
+                continue
+            keep = comp.select(view, self._context(layer, comp, module, query, phase))
             if keep.shape != view.valid.shape or bool((keep & ~view.valid).any()):
                 raise RuntimeError(f"{comp.name}.select must return a subset of the view's valid entries")
             view = LayerView(view.keys, view.values, keep, view.positions)
-        if bool(torch.equal(view.valid, before)):
-            return  # nothing dropped: leave the layer as it is (a pristine layer stays identical to an uncompressed one)
-        layer.store(view)
+        hidden = [c for c in self.compressors if c.axis is Axis.HIDDEN and c.active(phase)]
+        dropped = not bool(torch.equal(view.valid, before))
+        padded = layer.pristine and not bool(before.all())
+        if dropped or (hidden and padded) or (phase == "decode" and hidden and layer.segments):
+            layer.store(view)  # a pristine layer is left alone when nothing is dropped (identical to uncompressed)
+        for comp in hidden:
+            layer.encode(comp, self._context(layer, comp, module, query, phase))
+
+    def _notify(
+        self, layer: KVCompressLayer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+    ) -> None:
+        """Give attention observers this decode step's probabilities over the layer's entries, per query head."""
+        view = layer.materialize(_padding_validity(attention_mask, layer.length))
+        b, hq = query.shape[:2]
+        g = hq // self.num_kv_heads
+        keys = view.keys.float().repeat_interleave(g, 1)  # (b, hq, n, d)
+        scores = (query.float() @ keys.transpose(-1, -2)).squeeze(2) * scaling  # (b, hq, n)
+        scores = scores.masked_fill(~view.valid.repeat_interleave(g, 1), float("-inf"))
+        probs = torch.softmax(scores, -1)
+        for observer in self.observers:
+            observer(layer.layer_idx, probs, view)
 
     # -- accounting -----------------------------------------------------------------------------------------
     def tensors(self) -> Iterator[torch.Tensor]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
@@ -76,7 +76,11 @@ class CompressionContext:
 
     query: the post-RoPE queries of the forward that just ran, ``(batch, q_heads, q_len, head_dim)`` — at prefill
     these are the prompt's queries, so a scorer takes its observation window as ``query[:, :, -w:]`` without any
-    recomputation and without materialising full attention.
+    recomputation and without materialising full attention. When a cross-layer compressor defers selection to the
+    end of the prefill, :meth:`Compressor.select` sees only the last ``query_window`` queries; work that needs every
+    prompt query belongs in :meth:`Compressor.observe`, which always sees them all.
+    state: per-layer, per-compressor scratch space persisting across steps (tensors in it count as cache memory).
+    shared: per-compressor space shared by all layers (e.g. per-layer importance scores for a layer-axis method).
     """
 
     layer_idx: int
@@ -85,7 +89,8 @@ class CompressionContext:
     query: torch.Tensor
     module: torch.nn.Module
     cache: KVCompressCache
-    state: dict[str, Any]  # per-layer, per-compressor scratch space that persists across steps
+    state: dict[str, Any]
+    shared: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_kv_groups(self) -> int:
@@ -107,6 +112,10 @@ class Compressor:
     axis: ClassVar[Axis | None] = None
     #: phases in which the compressor acts; "decode" means it also keeps the cache within budget while generating
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
+    #: True if selecting for one layer needs every layer's observation (then all selection waits for the last layer)
+    cross_layer: ClassVar[bool] = False
+    #: prompt queries :meth:`select` needs when selection is deferred to the end of the prefill
+    query_window: ClassVar[int] = 64
 
     def __post_init__(self) -> None:
         if hasattr(self, "ratio"):
@@ -116,6 +125,10 @@ class Compressor:
 
     def active(self, phase: str) -> bool:
         return phase in self.phases
+
+    def observe(self, view: LayerView, ctx: CompressionContext) -> None:
+        """Prefill hook with every prompt query at hand (``ctx.query``), run for each layer as soon as its prefill
+        attention is done, before any :meth:`select`. Store what select will need in ``ctx.state``/``ctx.shared``."""
 
     def select(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
         """Return the keep mask ``(batch, kv_heads, n)``, a subset of ``view.valid``."""
@@ -127,6 +140,41 @@ class Compressor:
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.params().items())
         return f"{self.name}({args})"
+
+
+class Codec(Protocol):
+    """Encoded storage of a block of KV entries ``(pairs, count, head_dim)`` (quantized, low-rank, pruned...)."""
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(pairs, count, head_dim)`` reconstructed in the cache dtype (a transient copy)."""
+        ...
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the codec holds (payload and metadata): what is counted as cache memory."""
+        ...
+
+
+@dataclass
+class HiddenCompressor(Compressor):
+    """Hidden-axis compressors change how kept vectors are stored, not which are kept.
+
+    After the selection axes, the cache hands each block of kept entries to :meth:`encode` and stores the returned
+    :class:`Codec` instead of the full-precision tensors. The newest :meth:`residual_tokens` of each (row, head)
+    stay in full precision in the append buffer; while decoding, the buffer is encoded in chunks of
+    :meth:`chunk_tokens` once it exceeds the residual by a chunk. Attention decodes one block at a time.
+    """
+
+    axis: ClassVar[Axis | None] = Axis.HIDDEN
+    phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
+
+    def residual_tokens(self) -> int:
+        return 0
+
+    def chunk_tokens(self) -> int:
+        return 1
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, ctx: CompressionContext) -> Codec:
+        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------------------------------------------
