@@ -294,6 +294,8 @@ def _one_sample(tokenizer, sent_len, tpl, template, length, depth, index, seed, 
         else:
             hi = mid - 1
     prompt, spans = prompt_for(lo)
+    if lo == 0 and _count(tokenizer, prompt) > length:
+        raise ValueError(f"context_length={length} is too small for the {template!r} template's fixed text")
     enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     needle_text, n_start, n_end = next(sp for sp in spans if sp[0] == needles[0])

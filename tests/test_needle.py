@@ -94,3 +94,8 @@ def test_scoring():
     assert score_exact_match("the number is 4827193", "4827193") == 0.0
     assert score_exact_match("Eat a  sandwich", "eat a sandwich") == 1.0
     assert score_contains("the number is 4827193", "4827193") == 1.0
+
+
+def test_too_short_context_is_an_error(tok):
+    with pytest.raises(ValueError, match="too small"):
+        make_needle_samples(tok, [40], [0.5])

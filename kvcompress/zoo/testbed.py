@@ -316,6 +316,8 @@ def testbed_path(rebuild: bool = False) -> Path:
     if (target / METADATA_FILE).is_file() and not rebuild:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not (target / METADATA_FILE).is_file():  # an incomplete directory from elsewhere
+        shutil.rmtree(target, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".testbed-{VERSION}-", dir=target.parent))
     try:
         build(tmp)
