@@ -40,6 +40,7 @@ def kvcompress_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention for models whose cache may be a :class:`KVCompressCache`; stock sdpa for any other cache."""
+    hidden_states = module.__dict__.pop("_kvc_hidden_states", None)  # never outlives this call
     layer = active_layer()
     if layer is None or key is not layer._returned_key:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -47,7 +48,15 @@ def kvcompress_attention(
     layer._returned_key = None
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return layer.cache.attention(layer, module, query, attention_mask, scaling, **kwargs)
+    return layer.cache.attention(layer, module, query, attention_mask, scaling, hidden_states=hidden_states, **kwargs)
+
+
+def _remember_hidden_states(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on attention modules: keep a reference to the attention input for compressors that score
+    layers by how much attention changes the residual stream (released right after the attention call)."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if isinstance(hidden, torch.Tensor):
+        module.__dict__["_kvc_hidden_states"] = hidden
 
 
 def register_attention() -> None:
@@ -69,6 +78,10 @@ def attach(model: torch.nn.Module) -> None:
     """Switch ``model`` to the ``"kvcompress"`` attention (a no-op for any cache but ours)."""
     check_architecture(model)
     register_attention()
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "o_proj") and not getattr(module, "_kvc_hooked", False):
+            module.register_forward_pre_hook(_remember_hidden_states, with_kwargs=True)
+            module._kvc_hooked = True
     current = model.config._attn_implementation
     if current == ATTENTION_NAME:
         return

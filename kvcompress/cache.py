@@ -420,6 +420,7 @@ class KVCompressCache(Cache):
         self.shared: dict[str, dict[str, Any]] = {}
         #: callables ``(layer_idx, probs (batch, q_heads, n), view)`` called at every decode step (q_len = 1)
         self.observers: list[Any] = []
+        self._inputs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self.trace = trace  # keep logical positions of kept entries (a diagnostic; not counted as cache memory)
         self.enabled = True
         super().__init__(layers=[KVCompressLayer(i, self) for i in range(self.num_layers)])
@@ -442,6 +443,7 @@ class KVCompressCache(Cache):
         query: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float,
+        hidden_states: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         q_len = query.shape[2]
@@ -459,10 +461,14 @@ class KVCompressCache(Cache):
         if padding_valid is not None:
             layer.pad = (~padding_valid).sum(-1).tolist()
         if phase is not None and self.enabled and self.compressors:
-            if phase == "prefill":
-                self._prefill(layer, module, query, attention_mask)
-            else:
-                self._decode(layer, module, query, attention_mask)
+            self._inputs = (hidden_states, out)
+            try:
+                if phase == "prefill":
+                    self._prefill(layer, module, query, attention_mask)
+                else:
+                    self._decode(layer, module, query, attention_mask)
+            finally:
+                self._inputs = (None, None)
         return out, None
 
     def _context(self, layer: KVCompressLayer, comp: Compressor, module: torch.nn.Module, query: torch.Tensor, phase: str):
@@ -475,6 +481,8 @@ class KVCompressCache(Cache):
             cache=self,
             state=layer.state.setdefault(comp.name, {}),
             shared=self.shared.setdefault(comp.name, {}),
+            hidden_states=self._inputs[0],
+            attn_output=self._inputs[1],
         )
 
     def _prefill(

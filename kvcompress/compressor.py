@@ -81,6 +81,9 @@ class CompressionContext:
     prompt query belongs in :meth:`Compressor.observe`, which always sees them all.
     state: per-layer, per-compressor scratch space persisting across steps (tensors in it count as cache memory).
     shared: per-compressor space shared by all layers (e.g. per-layer importance scores for a layer-axis method).
+    hidden_states: the attention block's input ``(batch, q_len, hidden)`` and attn_output its output before
+    ``o_proj`` ``(batch, q_len, q_heads, head_dim)`` — available in :meth:`Compressor.observe` (and in an immediate,
+    non-deferred select), None otherwise.
     """
 
     layer_idx: int
@@ -91,6 +94,8 @@ class CompressionContext:
     cache: KVCompressCache
     state: dict[str, Any]
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)
+    hidden_states: torch.Tensor | None = None
+    attn_output: torch.Tensor | None = None
 
     @property
     def num_kv_groups(self) -> int:

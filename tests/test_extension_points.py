@@ -155,3 +155,28 @@ def test_attention_observers_see_decode_probabilities() -> None:
         kvcompress.attach(model)
     torch.testing.assert_close(probs, out.attentions[1][:, :, 0], atol=1e-6, rtol=1e-5)
     assert masked_reference_logits is not None
+
+
+@dataclass
+class RecordInputs(Compressor):
+    name: ClassVar[str] = "test_record_inputs"
+    axis: ClassVar[Axis] = Axis.LAYER
+
+    def observe(self, view, ctx):
+        ctx.shared[ctx.layer_idx] = (ctx.hidden_states.shape, ctx.attn_output.shape)
+
+    def select(self, view, ctx):
+        return view.valid
+
+
+def test_compressors_see_the_attention_block_input_and_output() -> None:
+    model = tiny_model("llama")
+    cfg = model.config
+    comp = RecordInputs()
+    cache = kvcompress.compress(model, [comp])
+    with torch.no_grad():
+        model(prompts((12,))[0].view(1, -1), past_key_values=cache)
+    assert cache.shared["test_record_inputs"] == {
+        i: ((1, 12, cfg.hidden_size), (1, 12, cfg.num_attention_heads, cfg.head_dim)) for i in range(cfg.num_hidden_layers)
+    }
+    assert all("_kvc_hidden_states" not in m.__dict__ for m in model.modules())
