@@ -14,8 +14,8 @@ consecutive sentences from a seeded random offset, sized **by token count with t
 prompt (special tokens included) has at most ``context_length`` tokens and falls short by less than one sentence.
 The needle is inserted at the sentence boundary at or before ``depth`` × haystack tokens (depth 0 = before the first
 sentence, 1 = after the last). Distractor needles go at other boundaries. Keys never occur as words in the haystack
-window; values of one sample share no digit group (``\\d{1,3}`` chunk) with each other, so a copying model cannot
-confuse them.
+window; values of one sample are distinct and share no full 3-digit group (``\\d{3}`` chunk of ``\\d{1,3}``
+grouping) with each other, so a copying model cannot confuse them.
 
 Everything is a pure function of (tokenizer, arguments, seed).
 
@@ -127,7 +127,8 @@ def score_contains(prediction: str, answer: str) -> float:
 
 
 def _digit_groups(value: str) -> set[str]:
-    return set(re.findall(r"\d{1,3}", value))
+    """The value itself and its full 3-digit groups (a trailing 1–2 digit group may repeat across values)."""
+    return {value} | {g for g in re.findall(r"\d{1,3}", value) if len(g) == 3}
 
 
 def _new_value(rng: random.Random, template: str, value_digits: int, taken: set[str]) -> str:

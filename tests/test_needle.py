@@ -48,7 +48,7 @@ def test_sizes_and_placement(tok):
         assert s.prompt.rstrip().endswith(f"The special magic number for {s.key} is")
         assert len(s.distractor_keys) == 3 and s.key not in s.distractor_keys
         assert len(set(s.distractor_values + [s.answer])) == 4
-        groups = [set(re.findall(r"\d{1,3}", v)) for v in [s.answer, *s.distractor_values]]
+        groups = [{g for g in re.findall(r"\d{1,3}", v) if len(g) == 3} for v in [s.answer, *s.distractor_values]]
         assert all(not (groups[i] & groups[j]) for i in range(4) for j in range(i + 1, 4))
         body = s.prompt
         for k in [s.key, *s.distractor_keys]:  # keys appear only in their needle (and the question)
