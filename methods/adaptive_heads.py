@@ -1,0 +1,117 @@
+"""``adaptive_heads`` — per-head token budgets from head scores, with a floor (AdaKV / HeadKV style).
+
+Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation", 2024 (arXiv 2407.11550);
+Fu et al., "Not All Heads Matter: A Head-Level KV Cache Compression Method with Integrated Retrieval and
+Reasoning", 2024 (HeadKV, arXiv 2410.19258).
+
+* A layer's token budget is ``kv_heads × B`` per row, ``B = clamp(round(ratio·n), 1, n)`` (or ``budget``) — the
+  same total as a uniform token method. Each head first gets a floor of ``max(1, round(floor·B))`` tokens
+  (``floor=0.2``, AdaKV's safeguard share), the rest is shared in proportion to the head scores (largest
+  remainders, capped at the head's tokens, overflow passed on), so the layer total is exact.
+* Head scores: the head-score artifact of the model (``scores="auto"``: found by config hash, see
+  ``methods/heads.py``; or a path), primary score with the other one as fallback for a layer where it is all zero;
+  without an artifact (a warning says so) or with ``scores="prompt"``, each row's out-of-window attention mass of
+  its last prompt queries (per row, so rows stay independent).
+* Tokens within a head: SnapKV-style — the attention of the last ``window=32`` prompt queries (summed over the
+  head's query group), with the first ``sink=4`` tokens and the observation window itself ranked first.
+* Storage: heads keep different counts, so layers are stored ragged (the core's segments); bytes are real.
+* Prefill phase only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvcompress.compressor import Axis, CompressionContext, Compressor, LayerView, kept_counts, register, topk_mask
+from kvcompress.errors import KVCompressError, check_non_negative_int, check_positive_int
+
+from .heads import out_of_window_mass, resolve_scores, window_probs
+
+
+def allocate(total: int, avail: list[int], weights: list[float], floor: int) -> list[int]:
+    """Integer budgets per head summing to ``min(total, sum(avail))``: a floor each, the rest ∝ weights, capped."""
+    alloc = [min(floor, a) for a in avail]
+    remaining = min(total, sum(avail)) - sum(alloc)
+    while remaining > 0:
+        open_heads = [i for i, a in enumerate(avail) if alloc[i] < a]
+        w = [max(weights[i], 0.0) for i in open_heads]
+        if sum(w) <= 0:
+            w = [1.0] * len(open_heads)
+        s = sum(w)
+        share = [remaining * x / s for x in w]
+        give = [int(x) for x in share]
+        order = sorted(range(len(open_heads)), key=lambda j: (-(share[j] - give[j]), open_heads[j]))
+        for j in order[: remaining - sum(give)]:
+            give[j] += 1
+        moved = 0
+        for j, i in enumerate(open_heads):
+            g = min(give[j], avail[i] - alloc[i])
+            alloc[i] += g
+            moved += g
+        remaining -= moved
+        if moved == 0:
+            break
+    return alloc
+
+
+@register
+@dataclass
+class AdaptiveHeads(Compressor):
+    name = "adaptive_heads"
+    axis = Axis.TOKEN
+    #: heads keep different counts (the shared matrix checks the layer total, not a per-head count)
+    adaptive: ClassVar[bool] = True
+
+    ratio: float = 1.0
+    budget: int | None = None
+    floor: float = 0.2
+    window: int = 32
+    sink: int = 4
+    scores: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0.0 <= self.floor <= 1.0:
+            raise KVCompressError(f"floor={self.floor!r} is out of range; valid: a fraction in [0, 1]")
+        check_positive_int(self.window, "window")
+        check_non_negative_int(self.sink, "sink")
+        if not isinstance(self.scores, str) or not self.scores:
+            raise KVCompressError(f"scores={self.scores!r} is invalid; valid: auto, prompt, or a path to a head-score artifact")
+
+    def head_weights(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
+        """``(batch, kv_heads)`` non-negative head weights."""
+        b, h = view.valid.shape[:2]
+        data = resolve_scores(self, ctx)
+        if data is None:
+            return out_of_window_mass(view, ctx, self.sink, self.window)
+        other = "mass" if data["primary"] == "retrieval" else "retrieval"
+        row = torch.tensor(data[data["primary"] + "_kv"][ctx.layer_idx], dtype=torch.float64)
+        if float(row.sum()) <= 0:
+            row = torch.tensor(data[other + "_kv"][ctx.layer_idx], dtype=torch.float64)
+        return row.unsqueeze(0).expand(b, h)
+
+    def select(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
+        n = view.counts  # (b, h)
+        per_head = kept_counts(n, self.ratio, self.budget)
+        if bool((per_head >= n).all()):
+            return view.valid
+        b, h = n.shape
+        weights = self.head_weights(view, ctx)
+        counts = torch.zeros_like(n)
+        for r in range(b):
+            avail = n[r].tolist()
+            if max(avail) == 0:
+                continue
+            base = int(per_head[r].max())
+            floor = min(base, max(1, round(self.floor * base)))
+            counts[r] = torch.tensor(allocate(int(per_head[r].sum()), avail, weights[r].tolist(), floor))
+        probs = window_probs(view, ctx, self.window)  # (b, hq, w, n)
+        g = probs.shape[1] // h
+        token_scores = probs.sum(2).view(b, h, g, -1).sum(2)  # (b, h, n)
+        rank = view.rank()
+        forced = (rank < self.sink) | (rank >= n.unsqueeze(-1) - self.window)
+        token_scores = token_scores.masked_fill(forced & view.valid, float("inf"))
+        return topk_mask(token_scores, counts, view.valid)
