@@ -5,4 +5,4 @@ its paper and states its defaults, add its import below and ``configs/method/<na
 (tests/test_method_matrix.py) picks it up from the registry.
 """
 
-from . import adaptive_heads, full, heads, random, streaming  # noqa: F401
+from . import adaptive_heads, full, heads, layer_budget, layers, random, share, streaming  # noqa: F401
