@@ -13,7 +13,8 @@ Reasoning", 2024 (HeadKV, arXiv 2410.19258).
   without an artifact (a warning says so) or with ``scores="prompt"``, each row's out-of-window attention mass of
   its last prompt queries (per row, so rows stay independent).
 * Tokens within a head: SnapKV-style — the attention of the last ``window=32`` prompt queries (summed over the
-  head's query group), with the first ``sink=4`` tokens and the observation window itself ranked first.
+  head's query group), average-pooled over ``kernel=7`` neighbouring positions (SnapKV's clustering), with the
+  first ``sink=4`` tokens and the observation window itself ranked first.
 * Storage: heads keep different counts, so layers are stored ragged (the core's segments); bytes are real.
 * Prefill phase only.
 """
@@ -70,6 +71,7 @@ class AdaptiveHeads(Compressor):
     floor: float = 0.2
     window: int = 32
     sink: int = 4
+    kernel: int = 7
     scores: str = "auto"
 
     def __post_init__(self) -> None:
@@ -78,6 +80,9 @@ class AdaptiveHeads(Compressor):
             raise KVCompressError(f"floor={self.floor!r} is out of range; valid: a fraction in [0, 1]")
         check_positive_int(self.window, "window")
         check_non_negative_int(self.sink, "sink")
+        check_positive_int(self.kernel, "kernel")
+        if self.kernel % 2 == 0:
+            raise KVCompressError(f"kernel={self.kernel} is even; valid: an odd integer >= 1 (centred pooling)")
         if not isinstance(self.scores, str) or not self.scores:
             raise KVCompressError(f"scores={self.scores!r} is invalid; valid: auto, prompt, or a path to a head-score artifact")
 
@@ -111,6 +116,11 @@ class AdaptiveHeads(Compressor):
         probs = window_probs(view, ctx, self.window)  # (b, hq, w, n)
         g = probs.shape[1] // h
         token_scores = probs.sum(2).view(b, h, g, -1).sum(2)  # (b, h, n)
+        if self.kernel > 1:  # padding and invalid entries score 0, exactly like the pool's own zero padding
+            pooled = torch.nn.functional.avg_pool1d(
+                token_scores.reshape(b * h, 1, -1), self.kernel, stride=1, padding=self.kernel // 2
+            )
+            token_scores = pooled.view(b, h, -1)
         rank = view.rank()
         forced = (rank < self.sink) | (rank >= n.unsqueeze(-1) - self.window)
         token_scores = token_scores.masked_fill(forced & view.valid, float("inf"))
