@@ -32,6 +32,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from . import haystack as _haystack
 
 #: Needle keys: concrete nouns absent from the Python docs (a key is also skipped if it appears in the haystack).
@@ -332,7 +334,10 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
 
     ``cfg`` keys (all optional): ``lengths`` (default [1024]), ``depths`` (default 0, 0.1, …, 1), ``template``
     (``magic_number``), ``num_distractors`` (template default), ``samples`` (per length × depth cell, 1),
-    ``value_digits`` (7), ``haystack`` (template default), ``new_tokens`` (default: answer tokens + 1).
+    ``value_digits`` (7), ``haystack`` (template default), ``new_tokens`` (default: answer tokens + 1),
+    ``query_aware`` (True: the prompt with its question is compressed at prefill, as SnapKV/PyramidKV papers do;
+    False: the context alone is prefilled and compressed, then the question is appended uncompressed, as kvpress
+    does by default — harder, since the compressor cannot see what will be asked).
     Returns flat metrics: ``exact_match`` overall, ``exact_match@<length>`` per length, ``exact_match@d<depth>`` per
     depth, plus ``_cache`` (the last sample's cache, for the memory report).
     """
@@ -355,19 +360,25 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
     )
     device = next(model.parameters()).device
     fixed_new = get("new_tokens", None)
+    query_aware = bool(get("query_aware", True))
     hits: list[tuple[int, float, float]] = []
     cache = None
     with torch.no_grad():
-        for s in samples:
+        for s in tqdm(samples, desc="needle", leave=False):
             enc = tokenizer(s.prompt, return_tensors="pt").to(device)
             cache = make_cache()
+            if not query_aware:  # compress the context alone; generate() then appends the question uncompressed
+                boundary = s.prompt.rindex("\n") + 1  # the question follows the last newline
+                offsets = tokenizer(s.prompt, return_offsets_mapping=True)["offset_mapping"]
+                question_start = next(i for i, (a, b) in enumerate(offsets) if b > a and a >= boundary)
+                model(enc["input_ids"][:, :question_start], past_key_values=cache)
             out = model.generate(
                 **enc, past_key_values=cache, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                 max_new_tokens=int(fixed_new) if fixed_new else s.max_new_tokens - 1,
             )
             pred = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             hits.append((s.context_length, s.depth, score_exact_match(pred, s.answer)))
-    result: dict = {"task": "needle", "template": template, "samples": len(hits)}
+    result: dict = {"task": "needle", "template": template, "samples": len(hits), "query_aware": query_aware}
     result["exact_match"] = sum(h for _, _, h in hits) / max(1, len(hits))
     for length in lengths:
         cell = [h for n, _, h in hits if n == length]

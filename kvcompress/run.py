@@ -97,11 +97,12 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     loaded = load_model(cfg.model, cfg.dtype, cfg.device)
     model = loaded.model
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    needed = int(cfg.eval.get("context", 0)) + int(cfg.eval.get("new_tokens", 0))
+    contexts = list(cfg.eval.get("lengths") or []) + [cfg.eval.get("context") or 0]
+    needed = max(int(c) for c in contexts) + int(cfg.eval.get("new_tokens") or 16)
     if limit is not None and needed > limit:
         raise KVCompressError(
-            f"eval.context={cfg.eval.get('context')} (+{cfg.eval.get('new_tokens', 0)} new tokens) exceeds the model's "
-            f"limit of {limit} positions; valid: context + new_tokens <= {limit}"
+            f"eval context of {max(int(c) for c in contexts)} tokens (+{needed - max(int(c) for c in contexts)} new) "
+            f"exceeds the model's limit of {limit} positions; valid: context + new tokens <= {limit}"
         )
 
     def make_cache() -> kvcompress.KVCompressCache:
@@ -157,7 +158,7 @@ def summary_table(row: dict[str, Any], results_path: Path) -> str:
         ("kept fraction", f"{mem['kept_fraction']:.4f}"),
     ]
     for key, value in acc.items():
-        if key not in ("task", "note") and isinstance(value, (int, float)):
+        if key not in ("task", "note") and "@d" not in key and isinstance(value, (int, float)):
             lines.append((f"{acc.get('task', row['task'])}.{key}", f"{value:.4f}" if isinstance(value, float) else str(value)))
     if "note" in acc:
         lines.append(("note", acc["note"]))

@@ -18,7 +18,7 @@ from kvcompress import KVCompressError
 from kvcompress.compressor import get_method
 from kvcompress.run import CONFIG_DIR, run_config
 
-FAST = ["eval.samples=1", "eval.context=128", "eval.new_tokens=4", "print_summary=false"]
+FAST = ["model=tiny-random", "eval=fidelity", "eval.samples=1", "eval.context=128", "eval.new_tokens=4", "print_summary=false"]
 
 
 def _cfg(*overrides: str):
@@ -45,6 +45,21 @@ def test_run_appends_a_complete_row(tmp_path: Path) -> None:
     assert latency["deployment"]["concurrency"] > latency["deployment"]["baseline"]["concurrency"]
     prov = row["provenance"]
     assert {"kvcompress", "git_commit", "torch", "transformers", "device", "seed", "timestamp"} <= set(prov)
+
+
+def test_default_run_is_the_testbed_with_needle_accuracy(tmp_path: Path) -> None:
+    with initialize_config_module(config_module="kvcompress.configs", version_base=None):
+        cfg = compose(
+            config_name="config",
+            overrides=["method=streaming", "ratio=0.1", "eval.lengths=[1024]", "eval.depths=[0.0,1.0]",
+                       "print_summary=false", f"results={tmp_path / 'rows.jsonl'}"],
+        )
+    row = run_config(cfg)
+    assert row["model"] == {"name": "testbed", "constructed": True, "random_init": False}
+    assert row["accuracy"]["task"] == "needle" and row["accuracy"]["query_aware"] is True
+    # Depth 0 needle is evicted by a 10% sink+window cache; depth 1.0 sits in the window.
+    assert row["accuracy"]["exact_match@d0"] == 0.0 and row["accuracy"]["exact_match@d1"] == 1.0
+    assert "constructed" in row["accuracy"]["note"]
 
 
 def test_failed_run_keeps_existing_rows(tmp_path: Path) -> None:
