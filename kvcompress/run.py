@@ -96,6 +96,7 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     eval_module = _eval_module(cfg.eval.name)
     loaded = load_model(cfg.model, cfg.dtype, cfg.device)
     model = loaded.model
+    _prepare_artifacts(names, loaded)
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     contexts = list(cfg.eval.get("lengths") or []) + [cfg.eval.get("context") or 0]
     needed = max(int(c) for c in contexts) + int(cfg.eval.get("new_tokens") or 16)
@@ -139,6 +140,14 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     if cfg.print_summary:
         print(summary_table(row, results_path))
     return row
+
+
+def _prepare_artifacts(names: list[str], loaded: Any) -> None:
+    """Methods that need a per-model artifact (retrieval-head scores) get it computed on first use, with a message."""
+    if any(name in ("heads", "adaptive_heads") for name in names):
+        from .heads import ensure_scores
+
+        ensure_scores(loaded.model, loaded.tokenizer)
 
 
 def _eval_module(name: str) -> Any:
