@@ -15,7 +15,9 @@ results file are never rewritten.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -35,7 +37,7 @@ from .compressor import available_methods
 from .errors import KVCompressError, unknown_choice
 from .latency import latency_block
 from .models import load_model
-from .results import append_row, check_writable, provenance
+from .results import append_row, check_writable, provenance, read_rows
 
 CONFIG_DIR = Path(importlib.import_module("kvcompress.configs").__file__).parent
 GROUPS = ("method", "model", "eval")
@@ -86,13 +88,30 @@ def method_spec(cfg: DictConfig) -> tuple[list[str], dict[str, dict[str, Any]]]:
     return list(method), {name: dict(params or {}) for name, params in method.items()}
 
 
-def run_config(cfg: DictConfig) -> dict[str, Any]:
-    """Run one configuration end to end and append its results row. Returns the row."""
+#: Config keys that do not change what a run computes (left out of the configuration key used to skip reruns).
+_NOT_IDENTITY = ("results", "print_summary", "threads", "rerun")
+
+
+def config_key(cfg: DictConfig) -> str:
+    """A stable hash of everything that determines a run's results (method, params, model, eval, seed, ...)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    identity = {k: v for k, v in resolved.items() if k not in _NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any] | None:
+    """Run one configuration end to end and append its results row. Returns the row, or None when the results
+    file already holds a row for this configuration (a rerun after an interrupted sweep skips finished work;
+    ``rerun=true`` forces it)."""
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
     results_path = check_writable(cfg.results)
     names, params = method_spec(cfg)
     build_pipeline(names, ratio=cfg.ratio, budget=cfg.budget, params=params)  # validate before loading anything
+    key = config_key(cfg)
+    if not cfg.get("rerun", False) and any(r.get("config_key") == key for r in read_rows(results_path)):
+        print(f"skipped: {'+'.join(names)} (ratio={cfg.ratio}) is already in {results_path} (rerun=true to redo)")
+        return None
     eval_module = _eval_module(cfg.eval.name)
     loaded = load_model(cfg.model, cfg.dtype, cfg.device)
     model = loaded.model
@@ -125,6 +144,7 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
         efficiency=lat.efficiency,
     )
     row = {
+        "config_key": key,
         "method": "+".join(names),
         "ratio": cfg.ratio,
         "budget": cfg.budget,
