@@ -5,4 +5,20 @@ its paper and states its defaults, add its import below and ``configs/method/<na
 (tests/test_method_matrix.py) picks it up from the registry.
 """
 
-from . import adaptive_heads, full, heads, layer_budget, layers, random, share, streaming  # noqa: F401
+from . import (  # noqa: F401
+    adaptive_heads,
+    expected_attention,
+    full,
+    h2o,
+    heads,
+    knorm,
+    layer_budget,
+    layers,
+    merge,
+    pyramidkv,
+    random,
+    share,
+    snapkv,
+    streaming,
+    tova,
+)
