@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -302,24 +303,45 @@ def test_layers_compose_with_token_axis_bytes_are_the_product() -> None:
     assert [layer.length for layer in cache.layers] == [24, 24, 8, 8]
 
 
+def _heads_params() -> dict:
+    from kvcompress.compressor import get_method
+
+    return {"scores": "prompt"} if "scores" in get_method("heads").__dataclass_fields__ else {}
+
+
+def test_layers_compose_with_the_head_axis_bytes_are_analytic() -> None:
+    if "heads" not in available_methods():
+        pytest.skip("method not registered yet: heads")
+    model = four_layer_model()
+    n, window = 64, 12
+    ids = prompts((n,))[0].view(1, -1)
+    params = {"layers": {"score": "first", "window": window}, "heads": _heads_params()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # heads may say how its ratio rounds
+        composed = _prefill(model, ids, kvcompress.compress(model, ["layers", "heads"], ratio=0.5, params=params))
+        alone = _prefill(model, ids, kvcompress.compress(model, "heads", ratio=0.5, params={"heads": _heads_params()}))
+    # Kept layers (0, 1) hold exactly what `heads` keeps alone; dropped layers hold their sink + window tokens in
+    # every head (a windowed head's own sink + recent window covers those 16 tokens): uniform, no index.
+    expected = sum(alone.layers[i].kept_bytes() for i in (0, 1)) + 2 * (4 + window) * _per_token(model.config)
+    assert composed.kept_bytes() == expected
+    assert [composed.layers[i].kept_bytes() for i in (0, 1)] == [alone.layers[i].kept_bytes() for i in (0, 1)]
+
+
 def test_layers_heads_snapkv_quant_end_to_end() -> None:
     missing = [m for m in ("heads", "snapkv", "quant") if m not in available_methods()]
     if missing:
         pytest.skip(f"methods not registered yet: {', '.join(missing)}")
     model = four_layer_model()
     ids = prompts((64,))[0].view(1, -1)
-    layers_params = {"score": "first", "window": 12}
-    cache = kvcompress.compress(model, ["layers", "heads", "snapkv", "quant"], ratio=0.5, params={"layers": layers_params})
+    params = {"layers": {"score": "first", "window": 12}, "heads": _heads_params()}
+    cache = kvcompress.compress(model, ["layers", "heads", "snapkv", "quant"], ratio=0.5, params=params)
     out = _generate(model, ids, cache, steps=4)
     assert out.sequences.shape[1] == 64 + 4
-    composed = kvcompress.compress(model, ["layers", "heads", "snapkv", "quant"], ratio=0.5, params={"layers": layers_params})
-    _prefill(model, ids, composed)
-    rest = _prefill(model, ids, kvcompress.compress(model, ["heads", "snapkv", "quant"], ratio=0.5))
-    window = _prefill(model, prompts((64,))[0][list(range(4)) + list(range(52, 64))].view(1, -1),
-                      kvcompress.compress(model, "full"))
-    assert window.layers[0].logical == 16
-    # Layer axis × the rest: a kept layer holds exactly what [heads, snapkv, quant] keep alone; a dropped layer holds
-    # the rest's share of its 16-token window, so it is smaller than a kept layer.
+    composed = _prefill(model, ids, kvcompress.compress(model, ["layers", "heads", "snapkv", "quant"], ratio=0.5, params=params))
+    rest = _prefill(model, ids, kvcompress.compress(model, ["heads", "snapkv", "quant"], ratio=0.5, params={"heads": _heads_params()}))
+    # Layer axis x the rest: a kept layer holds exactly what [heads, snapkv, quant] keep alone (the layer axis leaves
+    # it untouched); a dropped layer holds the rest's share of its 16-token window, less than a kept layer.
+    # TODO(lead): once quant's byte model is fixed, replace the inequality by its analytic per-token bytes.
     for layer in (0, 1):
         assert composed.layers[layer].kept_bytes() == rest.layers[layer].kept_bytes()
     for layer in (2, 3):
@@ -354,3 +376,13 @@ def test_layer_budget_list_length_must_match_the_model() -> None:
     cache = kvcompress.compress(model, "layer_budget", ratios=[0.5, 0.5, 0.5])
     with pytest.raises(KVCompressError, match=r"ratios has 3 entries; valid: one per layer \(2\)"):
         _prefill(model, prompts((20,))[0].view(1, -1), cache)
+
+
+def test_share_second_layer_counts_the_directions_once_it_is_their_only_holder() -> None:
+    model = four_layer_model()
+    cache = _prefill(model, prompts((40,))[0].view(1, -1), kvcompress.compress(model, "share"))
+    second = cache.layers[3]
+    pair = second.segments[0].codec.pair
+    before = second.kept_bytes()
+    cache.layers[2].segments = []  # e.g. a decode-time eviction re-stored layer 2: its codec is released
+    assert second.kept_bytes() == before + sum(t.numel() * t.element_size() for t in pair.tensors())
