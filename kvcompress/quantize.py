@@ -1,0 +1,231 @@
+"""Packed integer quantization, and the plumbing shared by the hidden-axis codecs (``quant``, ``lowrank``, ``think``).
+
+Packing: codes in ``[0, 2**bits)`` are packed along the last axis, little end first: ``8 // bits`` codes per byte
+(two 4-bit or four 2-bit codes; 8-bit codes are stored as they are). A last axis that is not a multiple of
+``8 // bits`` is zero-padded to one; :func:`unpack` cuts the padding off again.
+
+Group quantization (:func:`quantize_groups`): asymmetric min-max per group of ``group`` consecutive entries along one
+axis, ``x ≈ code · scale + minimum``, with ``scale`` and ``minimum`` (the zero point, KIVI's convention) stored in
+**float16** whatever the cache dtype (as KIVI does). The float16 minimum is rounded down and the float16 scale up, so
+every value of a group lies in ``[minimum, minimum + (2**bits − 1)·scale]`` and the dequantization error is at most
+half a quantization step (``scale / 2``) per group. A last group shorter than ``group`` (a block whose length along
+the grouped axis is not a multiple of it) has its own min/max. Values beyond the float16 range (|x| > 65504) are not
+supported.
+
+Residual handling shared by the codecs (:class:`ResidualHidden`): the core keeps the newest ``residual_tokens`` of
+the dense append buffer in full precision, but hands *ragged segments* (rows or heads that keep different token
+counts: a left-padded batch, a token-axis method before the hidden axis) to the codec whole. So that a row of a
+batch is stored exactly as it is alone, a codec given a whole segment applies the same rule itself: it encodes the
+oldest ``(count − residual) // chunk · chunk`` tokens of each pair and keeps the rest in full precision (held by the
+codec, counted as cache memory). Which block is a segment is told by identity (the core passes ``segment.keys``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .compressor import CompressionContext, HiddenCompressor
+from .errors import KVCompressError
+
+BITS = (2, 4, 8)
+SCALE_DTYPE = torch.float16
+
+
+def check_bits(bits: object) -> int:
+    if isinstance(bits, bool) or bits not in BITS:
+        raise KVCompressError(f"bits={bits!r} is invalid; valid choices: 2, 4, 8")
+    return int(bits)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` along the last axis into uint8 (``8 // bits`` codes per byte)."""
+    bits = check_bits(bits)
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes.contiguous()
+    per = 8 // bits
+    pad = (-codes.shape[-1]) % per
+    if pad:
+        codes = F.pad(codes, (0, pad))
+    codes = codes.reshape(*codes.shape[:-1], -1, per)
+    out = codes[..., 0].clone()
+    for j in range(1, per):
+        out |= codes[..., j] << (bits * j)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``n`` codes of the last axis, as ``dtype`` (written straight into a tensor
+    of that dtype, one byte-plane at a time, so no wide temporary is made)."""
+    bits = check_bits(bits)
+    if bits == 8:
+        return packed[..., :n].to(dtype)
+    per, mask = 8 // bits, (1 << bits) - 1
+    out = torch.empty(*packed.shape[:-1], packed.shape[-1] * per, dtype=dtype, device=packed.device)
+    for j in range(per):
+        out[..., j::per] = (packed >> (bits * j)) & mask
+    return out[..., :n] if out.shape[-1] != n else out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Group quantization
+
+
+def _pad_replicate(x: torch.Tensor, dim: int, group: int) -> torch.Tensor:
+    """Pad ``dim`` to a multiple of ``group`` with copies of its last entry (leaves every group's min/max unchanged)."""
+    n = x.shape[dim]
+    pad = (-n) % group
+    if not pad:
+        return x
+    last = x.narrow(dim, n - 1, 1)
+    return torch.cat([x, last.expand(*[pad if d == dim % x.dim() else s for d, s in enumerate(last.shape)])], dim)
+
+
+def _grouped(x: torch.Tensor, dim: int, group: int) -> torch.Tensor:
+    """View ``x`` (padded) as ``(..., n_groups, group, ...)`` along ``dim``."""
+    dim = dim % x.dim()
+    x = _pad_replicate(x, dim, group)
+    return x.reshape(*x.shape[:dim], x.shape[dim] // group, group, *x.shape[dim + 1 :])
+
+
+def quantize_groups(x: torch.Tensor, bits: int, group: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max quantization of ``x`` in groups of ``group`` entries along ``dim``.
+
+    Returns ``(codes, scale, minimum)``: codes uint8 with the shape of ``x``; scale and minimum float16 with ``dim``
+    replaced by the number of groups ``ceil(n / group)``.
+    """
+    bits = check_bits(bits)
+    dim = dim % x.dim()
+    levels = (1 << bits) - 1
+    g = _grouped(x.float(), dim, group)  # (..., ng, group, ...)
+    lo, hi = g.amin(dim + 1), g.amax(dim + 1)
+    mn = lo.to(SCALE_DTYPE)
+    mn = torch.where(mn.float() > lo, torch.nextafter(mn, torch.full_like(mn, -math.inf)), mn)
+    scale = (hi - mn.float()) / levels
+    s16 = scale.to(SCALE_DTYPE)
+    s16 = torch.where(s16.float() < scale, torch.nextafter(s16, torch.full_like(s16, math.inf)), s16)
+    safe = torch.where(s16 > 0, s16.float(), torch.ones_like(scale))
+    codes = torch.round((g - mn.float().unsqueeze(dim + 1)) / safe.unsqueeze(dim + 1)).clamp_(0, levels)
+    codes = codes.to(torch.uint8).flatten(dim, dim + 1).narrow(dim, 0, x.shape[dim])
+    return codes, s16, mn
+
+
+def dequantize_groups_(out: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group: int, dim: int) -> torch.Tensor:
+    """In place: ``out`` holds codes (as floats); turn them into ``code · scale + minimum`` per group along ``dim``."""
+    dim = dim % out.dim()
+    n = out.shape[dim]
+    full = n // group * group
+    if full:
+        body = out.narrow(dim, 0, full)
+        shape = (*body.shape[:dim], full // group, group, *body.shape[dim + 1 :])
+        view = body.view(shape)  # splitting one axis is always a view, even of a narrowed tensor
+        view.mul_(scale.narrow(dim, 0, full // group).unsqueeze(dim + 1))
+        view.add_(minimum.narrow(dim, 0, full // group).unsqueeze(dim + 1))
+    if full < n:
+        tail = out.narrow(dim, full, n - full)
+        tail.mul_(scale.narrow(dim, scale.shape[dim] - 1, 1)).add_(minimum.narrow(dim, minimum.shape[dim] - 1, 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Codecs shared by the hidden-axis methods
+
+
+class PlainCodec:
+    """Entries kept as they are (a segment shorter than the residual window)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.keys, self.values]
+
+
+class SplitCodec:
+    """An encoded older part followed by a full-precision newest part (the residual window of a ragged segment)."""
+
+    def __init__(self, head: Any, tail_keys: torch.Tensor, tail_values: torch.Tensor):
+        self.head, self.tail_keys, self.tail_values = head, tail_keys, tail_values
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.head.decode()
+        return torch.cat([k, self.tail_keys], 1), torch.cat([v, self.tail_values], 1)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.head.tensors(), self.tail_keys, self.tail_values]
+
+
+def block_pairs(keys: torch.Tensor, ctx: CompressionContext) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The (row, KV head) of each pair of a block handed to ``encode``, and whether the block is a whole segment
+    (True) or the oldest part of the dense buffer (False, pairs in row-major order)."""
+    layer = ctx.cache.layers[ctx.layer_idx]
+    for seg in layer.segments:
+        if seg.keys is keys:
+            return seg.rows, seg.heads, True
+    b, h = layer.keys.shape[:2]
+    return torch.arange(b).repeat_interleave(h), torch.arange(h).repeat(b), False
+
+
+def relative_error(ref: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
+    """(squared Frobenius error, squared Frobenius norm) in float64."""
+    ref64 = ref.double()
+    return float((ref64 - approx.double()).pow(2).sum()), float(ref64.pow(2).sum())
+
+
+def record_error(ctx: CompressionContext, k: tuple[float, float], v: tuple[float, float]) -> None:
+    """Accumulate per-layer reconstruction error in ``ctx.shared`` (plain floats, not cache memory):
+    ``shared["recon_error"][layer] = {"k": ‖K − K̂‖_F / ‖K‖_F, "v": …}`` over every entry this layer encoded."""
+    sums = ctx.shared.setdefault("_recon_sums", {}).setdefault(ctx.layer_idx, [0.0, 0.0, 0.0, 0.0])
+    sums[0] += k[0]
+    sums[1] += k[1]
+    sums[2] += v[0]
+    sums[3] += v[1]
+    rel = lambda e, n: math.sqrt(e / n) if n > 0 else 0.0  # noqa: E731
+    ctx.shared.setdefault("recon_error", {})[ctx.layer_idx] = {"k": rel(sums[0], sums[1]), "v": rel(sums[2], sums[3])}
+
+
+@dataclass
+class ResidualHidden(HiddenCompressor):
+    """Base of the hidden-axis methods: a full-precision residual window of the newest tokens, encoding in chunks,
+    the same rule for ragged segments as for the dense buffer (see the module docstring), and the per-layer
+    reconstruction error recorded at every encode. Subclasses implement :meth:`encode_block`."""
+
+    def residual_tokens(self) -> int:
+        return int(getattr(self, "residual", 0))
+
+    def chunk_tokens(self) -> int:
+        return 1
+
+    def encode_block(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor,
+                     ctx: CompressionContext) -> Any:
+        raise NotImplementedError
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, ctx: CompressionContext) -> Any:
+        rows, heads, whole_segment = block_pairs(keys, ctx)
+        count = keys.shape[1]
+        n = count
+        if whole_segment:
+            residual, chunk = self.residual_tokens(), self.chunk_tokens()
+            n = (count - residual) // chunk * chunk if count > residual else 0
+        if n == 0:
+            return PlainCodec(keys, values)
+        head = self.encode_block(keys[:, :n], values[:, :n], rows, heads, ctx)
+        with torch.no_grad():
+            k_hat, v_hat = head.decode()
+            record_error(ctx, relative_error(keys[:, :n], k_hat), relative_error(values[:, :n], v_hat))
+        del k_hat, v_hat
+        if n == count:
+            return head
+        return SplitCodec(head, keys[:, n:].clone(), values[:, n:].clone())
