@@ -22,6 +22,14 @@ Everything is a pure function of (tokenizer, arguments, seed).
 Scoring: :func:`score_exact_match` compares normalised **strings** (whitespace collapsed, stripped, case-folded):
 the prediction must start with the answer and the answer must not run on into more letters/digits
 (``"4827193."`` and ``"4827193 is it"`` match ``"4827193"``; ``"48271935"`` does not).
+:func:`score_rouge1_recall` is ROUGE-1 recall (our own few lines, no ``rouge`` package): both strings are
+case-folded, every character that is not a letter or digit becomes a space, the rest is split on whitespace; the
+score is the clipped unigram overlap (multiset intersection) divided by the number of reference unigrams. Retrieval
+Head papers report it (×100) for the Kamradt needle, where a paraphrased answer still earns partial credit.
+
+:func:`run` reports both metrics overall, per length and per depth, the length × depth ``grid`` (exact match; and
+``grid_rouge1_recall``) in the results row, and with ``heatmap: PATH`` writes the classic heatmap PNG
+(:func:`write_heatmap`).
 """
 
 from __future__ import annotations
@@ -126,6 +134,56 @@ def score_exact_match(prediction: str, answer: str) -> float:
 def score_contains(prediction: str, answer: str) -> float:
     """RULER's string_match_part for one reference: 1.0 if the answer occurs (case-insensitively) in the prediction."""
     return 1.0 if _normalize(answer) in _normalize(prediction) else 0.0
+
+
+def _rouge_tokens(text: str) -> list[str]:
+    return re.sub(r"[^0-9a-z]+", " ", text.casefold()).split()
+
+
+def score_rouge1_recall(prediction: str, reference: str) -> float:
+    """ROUGE-1 recall: clipped unigram overlap / reference unigrams, after case-folding and dropping punctuation."""
+    from collections import Counter
+
+    ref = Counter(_rouge_tokens(reference))
+    if not ref:
+        return 0.0
+    pred = Counter(_rouge_tokens(prediction))
+    return sum((ref & pred).values()) / sum(ref.values())
+
+
+def write_heatmap(grid: dict, path, *, title: str = "", metric: str = "exact match") -> str:
+    """Write the length × depth heatmap (x: context length, y: needle depth, 0 at the top as in Kamradt's plots).
+
+    ``grid`` is ``{length: {depth: score in [0, 1]}}`` (keys may be strings). Every cell is annotated with its
+    score. Uses matplotlib's Agg canvas directly (no pyplot global state). Returns the path written.
+    """
+    from pathlib import Path
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lengths = sorted(grid, key=lambda x: int(x))
+    depths = sorted({d for cells in grid.values() for d in cells}, key=float)
+    values = [[float(grid[n].get(d, float("nan"))) for n in lengths] for d in depths]
+    fig = Figure(figsize=(max(4.0, 1.0 + 0.7 * len(lengths)), max(3.0, 0.9 + 0.35 * len(depths))), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            if v == v:  # not NaN
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title or f"needle {metric}", fontsize=9)
+    fig.colorbar(im, ax=ax, label=metric)
+    fig.tight_layout()
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", metadata={"Software": None})
+    return str(out)
 
 
 def _digit_groups(value: str) -> set[str]:
@@ -338,8 +396,11 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
     ``query_aware`` (True: the prompt with its question is compressed at prefill, as SnapKV/PyramidKV papers do;
     False: the context alone is prefilled and compressed, then the question is appended uncompressed, as kvpress
     does by default — harder, since the compressor cannot see what will be asked).
-    Returns flat metrics: ``exact_match`` overall, ``exact_match@<length>`` per length, ``exact_match@d<depth>`` per
-    depth, plus ``_cache`` (the last sample's cache, for the memory report).
+    ``heatmap`` (None, or a PNG path: the length × depth exact-match heatmap is written there).
+    Returns flat metrics: ``exact_match`` and ``rouge1_recall`` overall, ``<metric>@<length>`` per length,
+    ``<metric>@d<depth>`` per depth; ``grid`` / ``grid_rouge1_recall`` (``{"<length>": {"<depth>": score}}``,
+    scores in [0, 1]); ``heatmap`` (the PNG's path, when asked); plus ``_cache`` (the last sample's cache, for the
+    memory report).
     """
     import torch
 
@@ -361,7 +422,7 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
     device = next(model.parameters()).device
     fixed_new = get("new_tokens", None)
     query_aware = bool(get("query_aware", True))
-    hits: list[tuple[int, float, float]] = []
+    hits: list[tuple[int, float, float, float]] = []  # (length, depth, exact match, rouge-1 recall)
     cache = None
     with torch.no_grad():
         for s in tqdm(samples, desc="needle", leave=False):
@@ -377,14 +438,32 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
                 max_new_tokens=int(fixed_new) if fixed_new else s.max_new_tokens - 1,
             )
             pred = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            hits.append((s.context_length, s.depth, score_exact_match(pred, s.answer)))
+            em, r1 = score_exact_match(pred, s.answer), score_rouge1_recall(pred, s.answer)
+            hits.append((s.context_length, s.depth, em, r1))
+    return _summarise(hits, lengths, depths, template, query_aware, get("heatmap", None), cache)
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / max(1, len(xs))
+
+
+def _summarise(hits, lengths, depths, template, query_aware, heatmap, cache) -> dict:
+    """The accuracy block: metrics overall / per length / per depth, the length × depth grids, the heatmap file."""
     result: dict = {"task": "needle", "template": template, "samples": len(hits), "query_aware": query_aware}
-    result["exact_match"] = sum(h for _, _, h in hits) / max(1, len(hits))
-    for length in lengths:
-        cell = [h for n, _, h in hits if n == length]
-        result[f"exact_match@{length}"] = sum(cell) / max(1, len(cell))
-    for depth in depths:
-        cell = [h for _, d, h in hits if d == depth]
-        result[f"exact_match@d{depth:g}"] = sum(cell) / max(1, len(cell))
+    for col, metric in ((2, "exact_match"), (3, "rouge1_recall")):
+        result[metric] = _mean(h[col] for h in hits)
+        for length in lengths:
+            result[f"{metric}@{length}"] = _mean(h[col] for h in hits if h[0] == length)
+        for depth in depths:
+            result[f"{metric}@d{depth:g}"] = _mean(h[col] for h in hits if h[1] == depth)
+    for col, key in ((2, "grid"), (3, "grid_rouge1_recall")):
+        result[key] = {
+            str(n): {f"{d:g}": _mean(h[col] for h in hits if h[0] == n and h[1] == d) for d in depths} for n in lengths
+        }
+    if heatmap:
+        result["heatmap"] = write_heatmap(
+            result["grid"], heatmap, title=f"needle ({template}) exact match", metric="exact match"
+        )
     result["_cache"] = cache
     return result

@@ -99,3 +99,43 @@ def test_scoring():
 def test_too_short_context_is_an_error(tok):
     with pytest.raises(ValueError, match="too small"):
         make_needle_samples(tok, [40], [0.5])
+
+
+def test_rouge1_recall():
+    from kvcompress.eval.needle import score_rouge1_recall
+
+    assert score_rouge1_recall(" 4827193.", "4827193") == 1.0
+    assert score_rouge1_recall("the number is 4827193", "4827193") == 1.0
+    assert score_rouge1_recall("48271935", "4827193") == 0.0
+    # 4 of the reference's 12 unigrams ("eat", "a", "sandwich", "park"), case and punctuation ignored
+    ref = "eat a sandwich and sit in Dolores Park on a sunny day"
+    assert score_rouge1_recall("Eat a SANDWICH, then park.", ref) == pytest.approx(4 / 12)
+    assert score_rouge1_recall("a a a", "a a b") == pytest.approx(2 / 3)  # clipped counts
+    assert score_rouge1_recall("anything", "") == 0.0 and score_rouge1_recall("", ref) == 0.0
+
+
+def test_write_heatmap(tmp_path):
+    from kvcompress.eval.needle import write_heatmap
+
+    grid = {"256": {"0": 1.0, "0.5": 0.5, "1": 0.0}, "1024": {"0": 0.0, "0.5": 1.0, "1": 1.0}}
+    path = write_heatmap(grid, tmp_path / "sub" / "h.png")
+    data = (tmp_path / "sub" / "h.png").read_bytes()
+    assert path.endswith("h.png") and data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_run_reports_rouge_grid_and_heatmap(tmp_path):
+    """End to end on the constructed testbed (full cache): exact match and ROUGE-1, the grid in the row, the PNG."""
+    import kvcompress
+    from kvcompress.eval import needle
+    from kvcompress.zoo import testbed_path
+    from kvcompress.zoo.testbed import load
+
+    model, tokenizer = load(testbed_path())
+    cfg = {"lengths": [160, 256], "depths": [0.0, 1.0], "heatmap": str(tmp_path / "needle.png")}
+    res = needle.run(model, lambda: kvcompress.compress(model, "full"), cfg, seed=0, tokenizer=tokenizer)
+    assert res["samples"] == 4 and res["exact_match"] == 1.0 and res["rouge1_recall"] == 1.0
+    assert res["rouge1_recall@256"] == 1.0 and res["rouge1_recall@d0"] == 1.0
+    assert res["grid"] == {"160": {"0": 1.0, "1": 1.0}, "256": {"0": 1.0, "1": 1.0}}
+    assert res["grid_rouge1_recall"]["256"]["1"] == 1.0
+    assert res["heatmap"] == str(tmp_path / "needle.png") and (tmp_path / "needle.png").stat().st_size > 1000
+    assert res["_cache"] is not None
