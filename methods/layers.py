@@ -85,6 +85,23 @@ class Layers(Compressor):
             check_non_negative_int(self.window, "window")
         check_positive_int(self.lazy_queries, "lazy_queries")
 
+    def prefill_cost(self, config, n: int) -> dict:
+        """For the latency model: no layer skips its K/V projection (memory-only saving); the scoring FLOPs added to
+        the prefill of ``n`` tokens (lazy: ``lazy_queries × n`` scores per query head and layer; cosine: one more
+        ``o_proj`` per layer plus the cosine)."""
+        L = config.num_hidden_layers
+        hq = config.num_attention_heads
+        d_h = getattr(config, "head_dim", None) or config.hidden_size // hq
+        if self.score == "lazy":
+            extra = L * 2 * hq * min(self.lazy_queries, n) * n * d_h
+        elif self.score == "cosine":
+            extra = L * (2 * n * hq * d_h * config.hidden_size + 6 * n * config.hidden_size)
+        else:
+            extra = 0
+        if kept_layer_count(self.ratio, L) == L:
+            extra = 0  # nothing to rank: scoring is skipped
+        return {"prefill_saving": "memory-only", "prefill_skips_kv_layers": (), "extra_prefill_flops": float(extra)}
+
     # -- scoring (prefill, every prompt query at hand) -----------------------------------------------------------
     def observe(self, view: LayerView, ctx: CompressionContext) -> None:
         shared = ctx.shared

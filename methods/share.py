@@ -131,6 +131,16 @@ class Share(HiddenCompressor):
         if isinstance(self.retain, bool) or not isinstance(self.retain, (int, float)) or not 0.0 <= self.retain <= 1.0:
             raise KVCompressError(f"retain={self.retain!r} is invalid; valid: a retained fraction in [0, 1]")
 
+    def prefill_cost(self, config, n: int) -> dict:
+        """For the latency model: no layer skips its K/V projection (memory-only saving); merging adds O(n·d) per pair
+        (norms, SLERP, angles: ~20 FLOPs per element of K and V of both layers)."""
+        L = config.num_hidden_layers
+        hkv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        d_h = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        pairs = len([l for l in range(L) if self.role(l, L) == "first"])
+        return {"prefill_saving": "memory-only", "prefill_skips_kv_layers": (),
+                "extra_prefill_flops": float(pairs * 20 * 2 * 2 * n * hkv * d_h)}
+
     def first_layer(self, num_layers: int) -> int:
         return num_layers // 2 if self.start is None else self.start
 

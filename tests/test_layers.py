@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import _COMMON, left_pad, prompts, tiny_model
+from tiny_models import _COMMON, ARCHITECTURES, left_pad, prompts, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import kvcompress
@@ -182,6 +182,28 @@ def test_share_with_full_retention_reproduces_the_full_cache() -> None:
     assert cache.shared["share"]["merged_pairs"] == [[0, 1], [2, 3]]
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_share_full_retention_on_every_architecture(arch: str) -> None:
+    model = tiny_model(arch)
+    ids, mask = left_pad(prompts((37, 23)))
+    ref = _generate(model, ids, DynamicCache(), mask, steps=3)
+    cache = kvcompress.compress(model, "share", start=0, retain=1.0)
+    ours = _generate(model, ids, cache, mask, steps=3)
+    assert torch.equal(ours.sequences, ref.sequences)
+    for a, b in zip(ours.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert cache.shared["share"]["merged_pairs"] == [[0, 1]]
+
+
+def test_prefill_cost_says_memory_only() -> None:
+    cfg = four_layer_model().config
+    for comp in (kvcompress.compress(four_layer_model(), "layers", ratio=0.5).compressors[0],
+                 kvcompress.compress(four_layer_model(), "share").compressors[0]):
+        cost = comp.prefill_cost(cfg, 100)
+        assert cost["prefill_saving"] == "memory-only" and cost["prefill_skips_kv_layers"] == ()
+        assert cost["extra_prefill_flops"] > 0
+
+
 def _share_bytes(pairs: int, n: int, retain: float, d: int, index_bytes: int) -> tuple[int, int]:
     """Analytic bytes of a merged pair's (first, second) layer for one block of `pairs` (row, head) pairs × n tokens."""
     k = math.floor(retain * n + 0.5)
@@ -327,26 +349,44 @@ def test_layers_compose_with_the_head_axis_bytes_are_analytic() -> None:
     assert [composed.layers[i].kept_bytes() for i in (0, 1)] == [alone.layers[i].kept_bytes() for i in (0, 1)]
 
 
-def test_layers_heads_snapkv_quant_end_to_end() -> None:
+def _quant_block_bytes(pairs: int, count: int, d: int, bits: int, group: int) -> int:
+    """KIVI layout (methods/quant.py) with residual=0: whole groups of `group` tokens quantized (keys per channel
+    over token groups, values per token over channel groups, fp16 scale + minimum), the remainder kept in fp32;
+    plus the segment's row/head index (int64)."""
+    n = count // group * group
+    keys = pairs * n * d * bits // 8 + pairs * (n // group) * d * 2 * 2
+    values = pairs * n * d * bits // 8 + pairs * n * math.ceil(d / group) * 2 * 2
+    tail = pairs * (count - n) * d * 2 * FP32
+    return keys + values + tail + 2 * 8 * pairs
+
+
+def test_layers_heads_snapkv_quant_end_to_end_bytes_are_the_product_of_the_axes() -> None:
     missing = [m for m in ("heads", "snapkv", "quant") if m not in available_methods()]
     if missing:
         pytest.skip(f"methods not registered yet: {', '.join(missing)}")
     model = four_layer_model()
-    ids = prompts((64,))[0].view(1, -1)
-    params = {"layers": {"score": "first", "window": 12}, "heads": _heads_params()}
-    cache = kvcompress.compress(model, ["layers", "heads", "snapkv", "quant"], ratio=0.5, params=params)
-    out = _generate(model, ids, cache, steps=4)
-    assert out.sequences.shape[1] == 64 + 4
-    composed = _prefill(model, ids, kvcompress.compress(model, ["layers", "heads", "snapkv", "quant"], ratio=0.5, params=params))
-    rest = _prefill(model, ids, kvcompress.compress(model, ["heads", "snapkv", "quant"], ratio=0.5, params={"heads": _heads_params()}))
-    # Layer axis x the rest: a kept layer holds exactly what [heads, snapkv, quant] keep alone (the layer axis leaves
-    # it untouched); a dropped layer holds the rest's share of its 16-token window, less than a kept layer.
-    # TODO(lead): once quant's byte model is fixed, replace the inequality by its analytic per-token bytes.
-    for layer in (0, 1):
-        assert composed.layers[layer].kept_bytes() == rest.layers[layer].kept_bytes()
-    for layer in (2, 3):
-        assert composed.layers[layer].kept_bytes() < rest.layers[layer].kept_bytes()
-    assert composed.kept_bytes() < rest.kept_bytes()
+    cfg = model.config
+    n, sink, window, bits, group = 64, 4, 12, 4, 8
+    ids = prompts((n,))[0].view(1, -1)
+    params = {
+        "layers": {"score": "first", "sink": sink, "window": window},
+        "heads": _heads_params(),
+        "quant": {"bits": bits, "group": group, "residual": 0},
+    }
+    method = ["layers", "heads", "snapkv", "quant"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = _generate(model, ids, kvcompress.compress(model, method, ratio=0.5, params=params), steps=4)
+        assert out.sequences.shape[1] == n + 4
+        cache = _prefill(model, ids, kvcompress.compress(model, method, ratio=0.5, params=params))
+    # Per (layer, KV head) tokens = layer axis cap x head axis cap x token ratio, then the hidden axis' bytes:
+    # kept layers 0-1: one full head (64 -> snapkv 32) and one window head (4 + 32 = 36 -> 18): ragged, one block each;
+    # dropped layers 2-3: 4 + 12 = 16 tokens in both heads (a window head's 36 covers them) -> 8 each: one block.
+    d = cfg.head_dim
+    kept_layer = _quant_block_bytes(1, round(0.5 * n), d, bits, group) + _quant_block_bytes(1, round(0.5 * 36), d, bits, group)
+    dropped_layer = _quant_block_bytes(cfg.num_key_value_heads, round(0.5 * (sink + window)), d, bits, group)
+    assert [layer.kept_bytes() for layer in cache.layers] == [kept_layer] * 2 + [dropped_layer] * 2
+    assert cache.kept_bytes() == 2 * kept_layer + 2 * dropped_layer
 
 
 # ---------------------------------------------------------------------------------------------------------------
