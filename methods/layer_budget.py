@@ -3,8 +3,8 @@
 PyramidKV: Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling",
 arXiv 2406.02069. SqueezeAttention: Wang et al., arXiv 2404.04793 (per-layer budgets driving any sequence policy).
 
-Wraps the registered token-axis method ``scorer`` (default ``"streaming"``; any token method: ``random``,
-``snapkv``, ``knorm``, … once registered), giving layer ``l`` the kept fraction ``r_l``:
+Wraps the registered token-axis method ``scorer`` (default ``"snapkv"``, so the defaults are PyramidKV; any token
+method with a ratio: ``random``, ``streaming``, ``knorm``, ``h2o``, …), giving layer ``l`` the kept fraction ``r_l``:
 
 * ``schedule="pyramid"`` (default) — PyramidKV's linear schedule in ratio form: weights fall linearly from
   ``2 − 1/beta`` (layer 0) to ``1/beta`` (last layer), ``beta=20`` as in PyramidKV; mean weight 1.
@@ -62,7 +62,7 @@ class LayerBudget(Compressor):
     axis = Axis.TOKEN
 
     ratio: float = 1.0
-    scorer: str = "streaming"
+    scorer: str = "snapkv"
     schedule: str = "pyramid"
     ratios: list[float] | None = None
     beta: float = 20.0

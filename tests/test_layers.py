@@ -297,6 +297,10 @@ def test_layer_budget_keeps_the_scheduled_count_per_layer() -> None:
         model, prompts((n,))[0].view(1, -1), kvcompress.compress(model, "layer_budget", ratios=[1.0, 0.5, 0.25, 0.1], scorer="streaming")
     )
     assert [layer.length for layer in cache.layers] == [60, 30, 15, 6]
+    # The default scorer is snapkv: PyramidKV's allocation.
+    cache = _prefill(model, prompts((n,))[0].view(1, -1), kvcompress.compress(model, "layer_budget", ratio=0.5))
+    assert cache.compressors[0].scorer == "snapkv"
+    assert [layer.length for layer in cache.layers] == [round(r * n) for r in schedule_ratios("pyramid", 0.5, 4)]
 
 
 def test_layer_budget_ratio_one_is_the_full_cache() -> None:
