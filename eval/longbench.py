@@ -1,0 +1,393 @@
+"""LongBench (v1) through a compressed cache: official prompts, generation lengths, truncation and metrics.
+
+Protocol data below follow THUDM/LongBench (``LongBench/config/dataset2prompt.json``, ``dataset2maxlen.json``,
+``LongBench/pred.py``, ``LongBench/eval.py``; Bai et al. 2023, "LongBench: A Bilingual, Multitask Benchmark for Long
+Context Understanding"). The prompt wording is benchmark protocol data and is kept verbatim, including the
+narrativeqa typo "asconcisely", so scores stay comparable with published ones.
+
+Pipeline per sample (``run``):
+
+1. **Data**: ``<data_dir>/<task>.jsonl`` in the official layout (one JSON object per line with ``input``,
+   ``context``, ``answers``, ``length``, ``dataset``, ``language``, ``all_classes``, ``_id``; the files of the
+   official ``data.zip``), read with ``datasets.load_dataset("json", ...)``. With ``data_dir: null`` the hub dataset
+   ``hub_id`` (default ``THUDM/LongBench``, one config per task) is used, which needs the network: with
+   ``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1`` that is a one-line error instead of a long timeout.
+2. **Prompt**: ``PROMPTS[task].format(context=..., input=...)``.
+3. **Middle truncation**: when the prompt has more than ``max_len`` tokens (default **3500**, the official value for
+   4K chat models; special tokens and the chat template's own tokens are not counted), the first and the last
+   ``max_len // 2`` tokens are kept. It is done on token ids; the official script decodes both halves and
+   re-tokenizes the text, which can differ by a token at the seam.
+4. **Chat template** (``chat_template``: ``auto`` | ``true`` | ``false``): ``auto`` applies the tokenizer's template
+   (one user turn, generation prompt added) unless the task is in :data:`NO_CHAT_TEMPLATE` (trec, triviaqa,
+   samsum, lsht, lcc, repobench-p, as in ``pred.py``) or the tokenizer has none; ``true`` requires one;
+   ``false`` never applies it. Without a template the tokenizer's own special tokens (BOS) are added.
+5. **Greedy generation** of ``MAX_NEW_TOKENS[task]`` tokens (``max_new_tokens`` in the config overrides all
+   tasks, for quick checks); samsum also stops at a newline token and generates at least one token.
+6. **Scoring**: the first line only for :data:`~kvcompress.eval.longbench_metrics.FIRST_LINE_TASKS`, max over the
+   gold answers, task score = mean × 100; ``average`` is the unweighted mean over tasks.
+
+``query_aware`` (default true): the whole prompt, question included, is prefilled and compressed at once (as the
+SnapKV/PyramidKV papers evaluate). With ``false``, the part of the prompt up to the end of ``{context}`` is
+prefilled and compressed first; the rest of the template (repeated instruction, question, answer cue, and the chat
+template's closing tokens) is then appended uncompressed, so the compressor cannot see what will be asked. For
+tasks without ``{input}`` (summaries, passage_count, lcc) the suffix is only the repeated instruction. If
+truncation cut into that suffix (a suffix longer than ``max_len // 2`` tokens), the sample falls back to
+query-aware and is counted in ``query_aware_fallbacks``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..errors import KVCompressError, unknown_choice
+from . import longbench_metrics as M
+
+# -- protocol data (THUDM/LongBench config/dataset2prompt.json) -------------------------------------------------
+_PASSAGES_QA = (
+    "Answer the question based on the given passages. Only give me the answer and do not output any other words.\n\n"
+    "The following are given passages.\n{context}\n\n"
+    "Answer the question based on the given passages. Only give me the answer and do not output any other words.\n\n"
+    "Question: {input}\nAnswer:"
+)
+_ANSWER_RULES = (
+    'If the question cannot be answered based on the information in the article, write "unanswerable". '
+    'If the question is a yes/no question, answer "yes", "no", or "unanswerable". Do not provide any explanation.'
+)
+
+PROMPTS: dict[str, str] = {
+    "narrativeqa": (
+        "You are given a story, which can be either a novel or a movie script, and a question. Answer the question "
+        "asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\n"
+        "Story: {context}\n\n"
+        "Now, answer the question based on the story asconcisely as you can, using a single phrase if possible. "
+        "Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:"
+    ),
+    "qasper": (
+        "You are given a scientific article and a question. Answer the question as concisely as you can, using a "
+        "single phrase or sentence if possible. " + _ANSWER_RULES + "\n\nArticle: {context}\n\n"
+        " Answer the question based on the above article as concisely as you can, using a single phrase or sentence "
+        "if possible. " + _ANSWER_RULES + "\n\nQuestion: {input}\n\nAnswer:"
+    ),
+    "multifieldqa_en": (
+        "Read the following text and answer briefly.\n\n{context}\n\n"
+        "Now, answer the following question based on the above text, only give me the answer and do not output any "
+        "other words.\n\nQuestion: {input}\nAnswer:"
+    ),
+    "multifieldqa_zh": (
+        "阅读以下文字并用中文简短回答：\n\n{context}\n\n"
+        "现在请基于上面的文章回答下面的问题，只告诉我答案，不要输出任何其他字词。\n\n问题：{input}\n回答："
+    ),
+    "hotpotqa": _PASSAGES_QA,
+    "2wikimqa": _PASSAGES_QA,
+    "musique": _PASSAGES_QA,
+    "dureader": "请基于给定的文章回答下述问题。\n\n文章：{context}\n\n请基于上述文章回答下面的问题。\n\n问题：{input}\n回答：",
+    "gov_report": (
+        "You are given a report by a government agency. Write a one-page summary of the report.\n\n"
+        "Report:\n{context}\n\nNow, write a one-page summary of the report.\n\nSummary:"
+    ),
+    "qmsum": (
+        "You are given a meeting transcript and a query containing a question or instruction. Answer the query in "
+        "one or more sentences.\n\nTranscript:\n{context}\n\n"
+        "Now, answer the query based on the above meeting transcript in one or more sentences.\n\n"
+        "Query: {input}\nAnswer:"
+    ),
+    "multi_news": (
+        "You are given several news passages. Write a one-page summary of all news. \n\nNews:\n{context}\n\n"
+        "Now, write a one-page summary of all the news.\n\nSummary:"
+    ),
+    "vcsum": "下面有一段会议记录，请你阅读后，写一段总结，总结会议的内容。\n会议记录：\n{context}\n\n会议总结：",
+    "trec": (
+        "Please determine the type of the question below. Here are some examples of questions.\n\n{context}\n{input}"
+    ),
+    "triviaqa": (
+        "Answer the question based on the given passage. Only give me the answer and do not output any other words. "
+        "The following are some examples.\n\n{context}\n\n{input}"
+    ),
+    "samsum": "Summarize the dialogue into a few short sentences. The following are some examples.\n\n{context}\n\n{input}",
+    "lsht": "请判断给定新闻的类别，下面是一些例子。\n\n{context}\n{input}",
+    "passage_count": (
+        "There are some paragraphs below sourced from Wikipedia. Some of them may be duplicates. Please carefully "
+        "read these paragraphs and determine how many unique paragraphs there are after removing duplicates. In "
+        "other words, how many non-repeating paragraphs are there in total?\n\n{context}\n\n"
+        "Please enter the final count of unique paragraphs after removing duplicates. The output format should only "
+        "contain the number, such as 1, 2, 3, and so on.\n\nThe final answer is: "
+    ),
+    "passage_retrieval_en": (
+        "Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which paragraph the "
+        "abstract is from.\n\n{context}\n\nThe following is an abstract.\n\n{input}\n\n"
+        'Please enter the number of the paragraph that the abstract is from. The answer format must be like '
+        '"Paragraph 1", "Paragraph 2", etc.\n\nThe answer is: '
+    ),
+    "passage_retrieval_zh": (
+        "以下是若干段落文字，以及其中一个段落的摘要。请确定给定的摘要出自哪一段。\n\n{context}\n\n"
+        '下面是一个摘要\n\n{input}\n\n请输入摘要所属段落的编号。答案格式必须是"段落1"，"段落2"等格式\n\n答案是：'
+    ),
+    "lcc": "Please complete the code given below. \n{context}Next line of code:\n",
+    "repobench-p": "Please complete the code given below. \n{context}{input}Next line of code:\n",
+}
+
+#: Official maximum generation lengths (``dataset2maxlen.json``).
+MAX_NEW_TOKENS: dict[str, int] = {
+    "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "multifieldqa_zh": 64, "hotpotqa": 32,
+    "2wikimqa": 32, "musique": 32, "dureader": 128, "gov_report": 512, "qmsum": 512, "multi_news": 512,
+    "vcsum": 512, "trec": 64, "triviaqa": 32, "samsum": 128, "lsht": 64, "passage_count": 32,
+    "passage_retrieval_en": 32, "passage_retrieval_zh": 32, "lcc": 64, "repobench-p": 64,
+}  # fmt: skip
+
+#: Metric per task (``eval.py`` ``dataset2metric``); functions in :mod:`kvcompress.eval.longbench_metrics`.
+METRIC: dict[str, str] = {
+    "narrativeqa": "qa_f1", "qasper": "qa_f1", "multifieldqa_en": "qa_f1", "multifieldqa_zh": "qa_f1_zh",
+    "hotpotqa": "qa_f1", "2wikimqa": "qa_f1", "musique": "qa_f1", "dureader": "rouge_zh", "gov_report": "rouge",
+    "qmsum": "rouge", "multi_news": "rouge", "vcsum": "rouge_zh", "trec": "classification", "triviaqa": "qa_f1",
+    "samsum": "rouge", "lsht": "classification", "passage_retrieval_en": "retrieval", "passage_count": "count",
+    "passage_retrieval_zh": "retrieval_zh", "lcc": "code_sim", "repobench-p": "code_sim",
+}  # fmt: skip
+
+TASKS: tuple[str, ...] = tuple(PROMPTS)
+#: The 16 English + code tasks compression papers report.
+ENGLISH_TASKS: tuple[str, ...] = tuple(
+    t for t in TASKS if t not in ("multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh")
+)
+#: Tasks prompted without the chat template (few-shot and code completion, ``pred.py``).
+NO_CHAT_TEMPLATE: tuple[str, ...] = ("trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p")
+DEFAULT_MAX_LEN = 3500
+DEFAULT_HUB_ID = "THUDM/LongBench"
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+def check_tasks(tasks: Sequence[str] | str | None) -> list[str]:
+    """Validate task names (``"all"`` / ``"en"`` / None expand to every / the English tasks)."""
+    if tasks is None or tasks == "all":
+        return list(TASKS)
+    if tasks == "en":
+        return list(ENGLISH_TASKS)
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    out = [str(t) for t in tasks]
+    for t in out:
+        if t not in PROMPTS:
+            raise unknown_choice("LongBench task", t, TASKS)
+    if not out:
+        raise KVCompressError(f"no LongBench task given; valid choices: all, en, {', '.join(TASKS)}")
+    return out
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def found_tasks(data_dir: str | Path) -> list[str]:
+    """LongBench task files present in ``data_dir`` (``<task>.jsonl``)."""
+    return sorted(p.stem for p in Path(data_dir).glob("*.jsonl") if p.stem in PROMPTS)
+
+
+def load_task(task: str, data_dir: str | Path | None = None, hub_id: str = DEFAULT_HUB_ID) -> list[dict[str, Any]]:
+    """Rows of one task: from ``<data_dir>/<task>.jsonl`` or, with ``data_dir=None`` and the network, the hub."""
+    check_tasks([task])
+    if data_dir is not None:
+        root = Path(os.path.expanduser(str(data_dir)))
+        if not root.is_dir():
+            raise KVCompressError(
+                f"LongBench data_dir {str(root)!r} is not a directory; valid: a directory of <task>.jsonl files "
+                "(the official data.zip layout)"
+            )
+        path = root / f"{task}.jsonl"
+        if not path.is_file():
+            listed = ", ".join(found_tasks(root)) or "(none)"
+            raise KVCompressError(f"LongBench file {str(path)!r} not found; tasks found in {str(root)!r}: {listed}")
+        import datasets
+
+        ds = datasets.load_dataset("json", data_files={"test": str(path)}, split="test")
+    else:
+        if _offline():
+            raise KVCompressError(
+                f"LongBench data_dir is not set and the hub is offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE); "
+                f"valid: eval.data_dir=<directory with <task>.jsonl files>, or go online to load {hub_id!r}"
+            )
+        import datasets
+
+        ds = datasets.load_dataset(hub_id, task, split="test")
+    rows = [dict(r) for r in ds]
+    for r in rows:  # re-hosted copies (Xnhyacinth/LongBench) call the question "question"
+        if "input" not in r and "question" in r:
+            r["input"] = r["question"]
+        missing = [k for k in ("context", "input", "answers") if k not in r]
+        if missing:
+            raise KVCompressError(f"LongBench {task} row lacks field(s) {missing}; valid: the official JSONL layout")
+    return rows
+
+
+# -- prompts ----------------------------------------------------------------------------------------------------
+@dataclass
+class Prompt:
+    input_ids: list[int]
+    boundary: int | None  # tokens [0, boundary) are the context part (question-agnostic prefill); None: unknown
+    truncated: bool
+    num_tokens_before: int  # prompt tokens before truncation (without special / template tokens)
+
+
+_SENTINEL = "\u2063KVCOMPRESS_PROMPT\u2063"
+
+
+def _chat_wrap(tokenizer) -> tuple[str, str]:
+    """The chat template's text before and after a single user message (generation prompt added)."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
+    )
+    if not isinstance(rendered, str) or rendered.count(_SENTINEL) != 1:
+        raise KVCompressError("the tokenizer's chat template does not render a user message verbatim; set chat_template: false")
+    head, tail = rendered.split(_SENTINEL)
+    return head, tail
+
+
+def use_chat_template(task: str, tokenizer, mode: Any = "auto") -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    mode = str(mode).lower() if mode is not None else "auto"
+    if mode in ("false", "0", "no", "off", "none"):
+        return False
+    if mode in ("true", "1", "yes", "on"):
+        if not has:
+            raise KVCompressError("chat_template=true but the tokenizer has no chat template; valid: auto or false")
+        return task not in NO_CHAT_TEMPLATE
+    if mode != "auto":
+        raise unknown_choice("chat_template", mode, ["auto", "true", "false"])
+    return has and task not in NO_CHAT_TEMPLATE
+
+
+def build_prompt(task: str, row: dict[str, Any], tokenizer, max_len: int = DEFAULT_MAX_LEN, chat_template: Any = "auto") -> Prompt:
+    """Token ids of one sample's prompt after middle truncation and the chat template, with the context boundary."""
+    template = PROMPTS[task]
+    text = template.format(context=row["context"], input=row.get("input") or "")
+    # Character where the part after {context} starts (the question-agnostic split).
+    prefix = template.split("{context}")[0].format(input=row.get("input") or "")
+    split_char = len(prefix) + len(row["context"])
+    head, tail = _chat_wrap(tokenizer) if use_chat_template(task, tokenizer, chat_template) else ("", "")
+    full = head + text + tail
+    if not getattr(tokenizer, "is_fast", False):
+        raise KVCompressError("LongBench prompts need a fast tokenizer (offset mapping); valid: a PreTrainedTokenizerFast")
+    enc = tokenizer(full, add_special_tokens=not head and not tail, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    lo, hi = len(head), len(head) + len(text)
+    lead: list[int] = []
+    body: list[int] = []
+    trail: list[int] = []
+    body_start: list[int] = []  # char start of each body token
+    for tok, (a, b) in zip(ids, offsets):
+        if (a, b) == (0, 0) and tok in special and not body:  # leading special tokens (BOS) added by the tokenizer
+            lead.append(tok)
+        elif a < lo and not body:
+            lead.append(tok)
+        elif a >= hi or (b == a and tok in special and body and a >= hi - 1):
+            trail.append(tok)
+        else:
+            body.append(tok)
+            body_start.append(a - lo)
+    n_before = len(body)
+    boundary_body = next((i for i, a in enumerate(body_start) if a >= split_char), len(body))
+    truncated = n_before > max_len
+    if truncated:
+        half = max_len // 2
+        if boundary_body < n_before - half:  # the suffix is longer than the kept tail: no clean split
+            boundary_body_new = None
+        else:
+            boundary_body_new = half + (boundary_body - (n_before - half))
+        body = body[:half] + body[-half:]
+        boundary_body = boundary_body_new
+    boundary = None if boundary_body is None else len(lead) + boundary_body
+    return Prompt(lead + body + trail, boundary, truncated, n_before)
+
+
+def stop_token_ids(task: str, tokenizer) -> list[int]:
+    eos = tokenizer.eos_token_id
+    out = [eos] if isinstance(eos, int) else list(eos or [])
+    if task == "samsum":  # official: stop at the newline token too
+        nl = tokenizer.encode("\n", add_special_tokens=False)
+        if nl:
+            out.append(nl[-1])
+    return out
+
+
+# -- entry point ------------------------------------------------------------------------------------------------
+def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
+    """Evaluation entry point (``kvcompress.run`` protocol): LongBench task scores (× 100) and their average.
+
+    ``cfg`` keys: ``tasks`` (list, ``all`` or ``en``), ``data_dir`` (required offline), ``hub_id``, ``max_len``
+    (3500), ``samples`` (per task; null = all), ``chat_template`` (auto), ``query_aware`` (true),
+    ``max_new_tokens`` (null = official per task). Returns ``<task>`` scores, ``average``, counts, and ``_cache``.
+    """
+    import torch
+
+    if tokenizer is None:
+        raise KVCompressError("the LongBench evaluation needs the model's tokenizer (this model has none)")
+
+    def get(key, default):
+        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+        return default if value is None else value
+
+    tasks = check_tasks(get("tasks", "en"))
+    data_dir = get("data_dir", None)
+    hub_id = str(get("hub_id", DEFAULT_HUB_ID))
+    max_len = int(get("max_len", DEFAULT_MAX_LEN))
+    if max_len < 2:
+        raise KVCompressError(f"max_len={max_len} is invalid; valid: an integer >= 2")
+    limit = get("samples", None)
+    chat = get("chat_template", "auto")
+    query_aware = bool(get("query_aware", True))
+    fixed_new = get("max_new_tokens", None)
+    pos_limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    data = {t: load_task(t, data_dir, hub_id) for t in tasks}  # fail on missing data before any computation
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    result: dict[str, Any] = {"task": "longbench", "max_len": max_len, "query_aware": query_aware}
+    scores: dict[str, float] = {}
+    n_total = truncated = fallbacks = 0
+    cache = None
+    with torch.no_grad():
+        for task in tasks:
+            rows = data[task][: int(limit)] if limit else data[task]
+            new_tokens = int(fixed_new) if fixed_new else MAX_NEW_TOKENS[task]
+            per_sample = []
+            for row in tqdm(rows, desc=f"longbench/{task}", leave=False):
+                p = build_prompt(task, row, tokenizer, max_len, chat)
+                if pos_limit is not None and len(p.input_ids) + new_tokens > pos_limit:
+                    raise KVCompressError(
+                        f"LongBench {task} prompt of {len(p.input_ids)} tokens (+{new_tokens} new) exceeds the model's "
+                        f"limit of {pos_limit} positions; valid: a smaller max_len"
+                    )
+                ids = torch.tensor([p.input_ids], device=device)
+                cache = make_cache()
+                if not query_aware:
+                    if p.boundary is None or p.boundary <= 0 or p.boundary >= ids.shape[1]:
+                        fallbacks += 1
+                    else:
+                        model(ids[:, : p.boundary], past_key_values=cache)
+                out = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+                    max_new_tokens=new_tokens, min_new_tokens=1 if task == "samsum" else None,
+                    eos_token_id=stop_token_ids(task, tokenizer), pad_token_id=pad_id,
+                )
+                pred = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+                per_sample.append(
+                    M.score_sample(
+                        METRIC[task], pred, list(row["answers"]), row.get("all_classes"),
+                        first_line_only=task in M.FIRST_LINE_TASKS,
+                    )
+                )
+                truncated += int(p.truncated)
+            scores[task] = 100.0 * sum(per_sample) / max(1, len(per_sample))
+            n_total += len(per_sample)
+    result.update(scores)
+    result["average"] = sum(scores.values()) / max(1, len(scores))
+    result["samples"] = n_total
+    result["truncated"] = truncated
+    if not query_aware:
+        result["query_aware_fallbacks"] = fallbacks
+    result["_cache"] = cache
+    return result

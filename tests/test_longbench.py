@@ -1,0 +1,269 @@
+"""LongBench v1: metrics equal lm-eval's port on a table of pairs; prompts, truncation, chat template, errors;
+the made-up fixture in tests/data/longbench runs end to end through a compressed cache on the testbed."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from kvcompress.errors import KVCompressError
+from kvcompress.eval import longbench as LB
+from kvcompress.eval import longbench_metrics as M
+
+FIXTURE = Path(__file__).parent / "data" / "longbench"
+
+# (prediction, gold answer) pairs: punctuation, articles, case, empty strings, partial overlap, repeats, unicode.
+EN_PAIRS = [
+    ("Port Alder", "Port Alder"),
+    ("  The city of Port Alder.", "port alder"),
+    ("an apple, a pear and the plum!", "Apple pear plum"),
+    ("", "Port Alder"),
+    ("Port Alder", ""),
+    ("", ""),
+    ("1874 1874 bridge", "1874"),
+    ("It was finished in 1874, I think.", "in 1874"),
+    ("no overlap here", "something else"),
+    ("The Blue Lantern Museum opened in 1931 in Port Alder", "Blue Lantern Museum"),
+    ("yes", "no"),
+    ("unanswerable", "unanswerable"),
+    ("café naïve résumé", "cafe naive resume"),
+    ("The cat sat on the mat.\nThe dog ran.", "the cat sat on the mat"),
+    ("a a a the the", "a"),
+    ("Summary: the meeting decided to ship the release on Monday after testing.",
+     "The team agreed to release on Monday once testing is done."),
+    ("!!!", "..."),
+    ("one two three four five", "five four three two one"),
+]  # fmt: skip
+ZH_PAIRS = [
+    ("北京是中国的首都。", "北京"),
+    ("答案是：上海", "上海"),
+    ("", "上海"),
+    ("会议决定下周一发布新版本。", "团队同意在下周一发布新版本"),
+    ("我不知道", "北京"),
+    ("北京，北京！", "北京"),
+]
+COUNT_PAIRS = [("2", "2"), ("There are 3 unique paragraphs, not 2.", "3"), ("none", "2"), ("22 2 2", "2"), ("", "1")]
+RETRIEVAL_PAIRS = [
+    ("Paragraph 12", "Paragraph 12"),
+    ("The answer is Paragraph 3 or 30", "Paragraph 3"),
+    ("Paragraph 1, Paragraph 1", "Paragraph 1"),
+    ("no number", "Paragraph 5"),
+    ("7", "Paragraph 7"),
+]
+RETRIEVAL_ZH_PAIRS = [("段落12", "段落12"), ("答案是段落3和段落30", "段落3"), ("无", "段落5"), ("5", "段落5")]
+CODE_PAIRS = [
+    ("    return x + 1\n", "    return x + 1"),
+    ("```python\n# comment\nreturn y\n", "return y"),
+    ("\n\n// js comment\nlet a = 1;", "let a = 1;"),
+    ("", "x = 1"),
+    ("#only comments\n# here", "x = 1"),
+    ("foo(bar)\nbaz()", "foo(bar, qux)"),
+]
+CLASSES = ["Date", "City", "Individual", "Number of something", "Distance, linear measure", "Speed", "Other number"]
+CLASS_PAIRS = [
+    ("Date", "Date"),
+    ("City", "Date"),
+    ("Date or City", "Date"),
+    ("Number of something", "Number of something"),
+    ("Other number", "Other number"),
+    ("Distance, linear measure and Speed", "Distance, linear measure"),
+    ("nothing", "City"),
+    ("Individual Individual", "Individual"),
+]
+# a class list where remove-while-iterating matters (consecutive substrings of the gold)
+QUIRK_CLASSES = ["A", "AB", "ABC", "ABCD", "B"]
+QUIRK_PAIRS = [("ABCD", "ABCD"), ("ABC", "ABC"), ("A B", "B"), ("ABCD B", "ABCD")]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import lm_eval.tasks.longbench.metrics as lm_metrics
+    return lm_metrics
+
+
+def _table(lm):
+    """(our name, our fn, lm-eval fn, pairs, extra kwargs) for every metric."""
+    return [
+        ("qa_f1", M.qa_f1, lm.qa_f1_score, EN_PAIRS, {}),
+        ("qa_f1_zh", M.qa_f1_zh, lm.qa_f1_zh_score, ZH_PAIRS + EN_PAIRS[:4], {}),
+        ("rouge", M.rouge, lm.rouge_score, EN_PAIRS, {}),
+        ("rouge_zh", M.rouge_zh, lm.rouge_zh_score, ZH_PAIRS, {}),
+        ("count", M.count, lm.count_score, COUNT_PAIRS, {}),
+        ("retrieval", M.retrieval, lm.retrieval_score, RETRIEVAL_PAIRS, {}),
+        ("retrieval_zh", M.retrieval_zh, lm.retrieval_zh_score, RETRIEVAL_ZH_PAIRS, {}),
+        ("code_sim", M.code_sim, lm.code_sim_score, CODE_PAIRS, {}),
+        ("classification", M.classification, lm.classification_score, CLASS_PAIRS, {"all_classes": CLASSES}),
+        ("classification", M.classification, lm.classification_score, QUIRK_PAIRS, {"all_classes": QUIRK_CLASSES}),
+    ]
+
+
+def test_metrics_equal_lm_eval_on_table(lm):
+    checked = 0
+    for name, ours, theirs, pairs, kw in _table(lm):
+        for pred, gold in pairs:
+            a, b = ours(pred, gold, **kw), theirs(pred, gold, **kw)
+            assert a == pytest.approx(b, abs=1e-12), (name, pred, gold, a, b)
+            checked += 1
+    assert checked > 70
+    assert set(M.METRICS) == {name for name, *_ in _table(lm)}
+
+
+def test_sample_scores_equal_lm_eval_wrappers(lm):
+    """Max over gold answers (and the stripped prediction lm-eval passes) agree with lm-eval's per-doc wrappers."""
+    wrappers = {
+        "qa_f1": lm.get_qa_f1_score, "qa_f1_zh": lm.get_qa_f1_zh_score, "rouge": lm.get_rouge_score,
+        "rouge_zh": lm.get_rouge_zh_score, "count": lm.get_count_score, "retrieval": lm.get_retrieval_score,
+        "retrieval_zh": lm.get_retrieval_zh_score, "code_sim": lm.get_code_sim_score,
+        "classification": lm.get_classification_score,
+    }  # fmt: skip
+    docs = [
+        ("qa_f1", " The city of Port Alder ", ["Alder", "Port Alder"]),
+        ("qa_f1_zh", "答案是上海", ["北京", "上海"]),
+        ("rouge", "ship on Monday", ["release Monday", "ship it on Monday"]),
+        ("rouge_zh", "下周一发布", ["周一发布", "下周一发布新版本"]),
+        ("count", "2 or 3", ["3"]),
+        ("retrieval", "Paragraph 4", ["Paragraph 4"]),
+        ("retrieval_zh", "段落4", ["段落4"]),
+        ("code_sim", "x = 1\ny = 2", ["x = 1", "y = 2"]),
+        ("classification", "Date", ["Date"]),
+    ]
+    for metric, pred, answers in docs:
+        doc = {"answers": answers, "all_classes": CLASSES}
+        theirs = next(iter(wrappers[metric](doc, [pred]).values()))
+        ours = M.score_sample(metric, pred if metric == "code_sim" else pred.strip(), answers, CLASSES)
+        assert ours == pytest.approx(theirs, abs=1e-12), (metric, pred)
+
+
+def test_first_line_scoring():
+    assert M.score_sample("qa_f1", "\n\nParis\nand more text", ["Paris"], first_line_only=True) == 1.0
+    assert M.score_sample("qa_f1", "\n\nParis\nand more text", ["Paris"]) < 1.0
+    assert set(M.FIRST_LINE_TASKS) == {"trec", "triviaqa", "samsum", "lsht"}
+
+
+def test_protocol_tables():
+    assert len(LB.TASKS) == 21 and len(LB.ENGLISH_TASKS) == 16
+    assert set(LB.PROMPTS) == set(LB.MAX_NEW_TOKENS) == set(LB.METRIC)
+    assert all(m in M.METRICS for m in LB.METRIC.values())
+    assert all("{context}" in p for p in LB.PROMPTS.values())
+    assert LB.PROMPTS["narrativeqa"].count("asconcisely") == 2  # the official typo, kept for comparability
+    assert LB.MAX_NEW_TOKENS["gov_report"] == 512 and LB.MAX_NEW_TOKENS["hotpotqa"] == 32
+    assert set(LB.NO_CHAT_TEMPLATE) == {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}
+
+
+def test_fixture_is_official_layout():
+    fields = {"input", "context", "answers", "length", "dataset", "language", "all_classes", "_id"}
+    for path in FIXTURE.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            assert set(row) == fields and row["dataset"] == path.stem and isinstance(row["answers"], list)
+
+
+# -- prompts ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory):
+    import os
+
+    os.environ.setdefault("KVCOMPRESS_CACHE", str(tmp_path_factory.mktemp("kvc_cache")))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvcompress.zoo import testbed_path
+
+    path = testbed_path()
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_prompt_boundary_and_middle_truncation(testbed):
+    _, tok = testbed
+    row = LB.load_task("hotpotqa", FIXTURE)[0]
+    full = LB.build_prompt("hotpotqa", row, tok, max_len=3500)
+    assert not full.truncated and full.boundary is not None
+    text = LB.PROMPTS["hotpotqa"].format(**row)
+    assert full.input_ids == tok(text)["input_ids"]  # no template: the tokenizer's own BOS, nothing else
+    context_part = LB.PROMPTS["hotpotqa"].split("{context}")[0] + row["context"]
+    assert full.input_ids[: full.boundary] == tok(context_part)["input_ids"]  # the split is where {context} ends
+    n = full.num_tokens_before
+    cut = LB.build_prompt("hotpotqa", row, tok, max_len=n - 10)
+    body = full.input_ids[1:]
+    half = (n - 10) // 2
+    assert cut.truncated and cut.input_ids == full.input_ids[:1] + body[:half] + body[-half:]
+    assert cut.boundary == full.boundary - (n - 2 * half)  # the question part survives whole in the kept tail
+    tiny = LB.build_prompt("hotpotqa", row, tok, max_len=8)
+    assert tiny.boundary is None and len(tiny.input_ids) == 1 + 8
+
+
+def test_chat_template_rule(testbed):
+    _, base = testbed
+    import copy
+
+    tok = copy.deepcopy(base)
+    tok.chat_template = "{% for m in messages %}<s> USER : {{ m['content'] }}{% endfor %} ASSISTANT :"
+    row = LB.load_task("hotpotqa", FIXTURE)[0]
+    with_tpl = LB.build_prompt("hotpotqa", row, tok)
+    rendered = "<s> USER : " + LB.PROMPTS["hotpotqa"].format(**row) + " ASSISTANT :"
+    assert with_tpl.input_ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert with_tpl.input_ids.count(tok.bos_token_id) == 1  # the template's BOS only, not a second one
+    trec = LB.load_task("trec", FIXTURE)[0]
+    assert LB.build_prompt("trec", trec, tok).input_ids == LB.build_prompt("trec", trec, base).input_ids  # no-template task
+    assert LB.build_prompt("hotpotqa", row, tok, chat_template=False).input_ids == LB.build_prompt("hotpotqa", row, base).input_ids
+    assert LB.use_chat_template("hotpotqa", base, "auto") is False  # the testbed tokenizer has no template
+    with pytest.raises(KVCompressError, match="no chat template"):
+        LB.use_chat_template("hotpotqa", base, True)
+    with pytest.raises(KVCompressError, match="valid choices: auto, false, true"):
+        LB.use_chat_template("hotpotqa", base, "maybe")
+    # boundary still found under the template: the question-agnostic prefill stops where the context ends
+    context_part = "<s> USER : " + LB.PROMPTS["hotpotqa"].split("{context}")[0] + row["context"]
+    assert with_tpl.input_ids[: with_tpl.boundary] == tok(context_part, add_special_tokens=False)["input_ids"]
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+def test_errors_are_one_line_and_list_choices(tmp_path, monkeypatch):
+    with pytest.raises(KVCompressError, match=r"unknown LongBench task 'hotpot'; valid choices: 2wikimqa, .*hotpotqa"):
+        LB.check_tasks(["hotpot"])
+    missing = tmp_path / "nowhere"
+    with pytest.raises(KVCompressError, match="is not a directory") as err:
+        LB.load_task("hotpotqa", missing)
+    assert str(missing) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(KVCompressError, match=r"qasper.jsonl' not found; tasks found in .*: hotpotqa, passage_count, trec"):
+        LB.load_task("qasper", FIXTURE)
+    with pytest.raises(KVCompressError, match=r"tasks found in .*: \(none\)"):
+        LB.load_task("qasper", tmp_path)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(KVCompressError, match="hub is offline"):
+        LB.load_task("hotpotqa", None)
+    assert LB.check_tasks("en") == list(LB.ENGLISH_TASKS) and LB.check_tasks("trec,samsum") == ["trec", "samsum"]
+
+
+# -- end to end ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("query_aware", [True, False])
+def test_fixture_end_to_end(testbed, query_aware):
+    import kvcompress
+
+    model, tok = testbed
+    cfg = {
+        "tasks": ["hotpotqa", "trec", "passage_count"], "data_dir": str(FIXTURE), "max_len": 3500,
+        "samples": 2, "chat_template": "auto", "query_aware": query_aware, "max_new_tokens": 6,
+    }  # fmt: skip
+    out = LB.run(model, lambda: kvcompress.compress(model, "snapkv", ratio=0.5), cfg, tokenizer=tok)
+    cache = out.pop("_cache")
+    assert cache.memory_report()["kept_bytes"] < cache.memory_report()["dense_bytes"]
+    assert out["samples"] == 6 and out["truncated"] == 0 and out["query_aware"] is query_aware
+    for t in cfg["tasks"]:
+        assert 0.0 <= out[t] <= 100.0
+    assert out["average"] == pytest.approx(sum(out[t] for t in cfg["tasks"]) / 3)
+    if not query_aware:
+        assert out["query_aware_fallbacks"] == 0
+
+
+def test_full_cache_scores_are_deterministic_and_truncation_counted(testbed):
+    import kvcompress
+
+    model, tok = testbed
+    cfg = {"tasks": ["passage_count"], "data_dir": str(FIXTURE), "max_len": 16, "max_new_tokens": 4}
+    a = LB.run(model, lambda: kvcompress.compress(model, "full"), cfg, tokenizer=tok)
+    b = LB.run(model, lambda: kvcompress.compress(model, "full"), cfg, tokenizer=tok)
+    assert a["passage_count"] == b["passage_count"] and a["truncated"] == 2
