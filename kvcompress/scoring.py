@@ -41,6 +41,7 @@ from .errors import KVCompressError, check_non_negative_int, unknown_choice
 
 ALLOCATIONS = ("uniform", "adakv")
 GQA_REDUCTIONS = ("mean", "max")
+_MASKED = -1e30
 POOLINGS = ("max", "avg", "none")
 PHASES = ("prefill", "decode")
 #: the two ways to compress a prompt with a question (what a results row records)
@@ -92,29 +93,34 @@ def attention_mass(
 
     query ``(batch, q_heads, m, d)``; keys ``(batch, kv_heads, n, d)``; valid ``(batch, kv_heads, n)``. With ``causal``
     the m queries are the tokens of the last m entries (query i may see entries ``≤ n − m + i``). query_valid
-    ``(batch, m)`` drops queries (left padding). Queries are processed ``chunk`` at a time and each chunk only looks at
+    ``(batch, m)`` drops queries (left padding): pass it whenever some of the queries may be padding. Queries are processed ``chunk`` at a time and each chunk only looks at
     the keys it can see, so memory is O(chunk · n) per head and the causal half is never computed.
     """
     b, hq, m, d = query.shape
     h, n = keys.shape[1], keys.shape[2]
     g = hq // h
-    k = keys.float()
-    out = torch.zeros(b, h, g, n)
+    k_t = keys.float().transpose(-1, -2)
+    # Masked logits get −1e30 (not −inf): a query that sees no valid key then yields finite values, which its
+    # zero weight removes, and a masked entry still contributes exactly exp(−1e30 − max) = 0.
+    key_bias = None if bool(valid.all()) else torch.zeros(valid.shape).masked_fill_(~valid, _MASKED)[:, :, None]
+    out = torch.zeros(b, h, g, 1, n)
     for start in range(0, m, chunk):
         stop = min(start + chunk, m)
         c = stop - start
         end = n - m + stop if causal else n  # keys visible to the chunk's last query
-        q = query[:, :, start:stop].float().reshape(b, h, g * c, d)
-        s = torch.matmul(q, k[:, :, :end].transpose(-1, -2)).mul_(scaling).view(b, h, g, c, end)
-        mask = ~valid[:, :, None, None, :end]
-        if causal:
-            limit = torch.arange(n - m + start, n - m + stop).view(c, 1)
-            mask = mask | (torch.arange(end).view(1, end) > limit)
-        s.masked_fill_(mask, float("-inf"))
-        p = torch.softmax(s, dim=-1)
+        q = (query[:, :, start:stop].float() * scaling).reshape(b, h, g * c, d)
+        s = torch.matmul(q, k_t[..., :end])  # (b, h, g·c, end)
+        if key_bias is not None:
+            s.add_(key_bias[..., :end])
+        if causal:  # only the chunk's diagonal block [end − c, end) is partly hidden
+            blk = s.view(b, h, g, c, end)[..., end - c:]
+            blk.add_(torch.full((c, c), _MASKED).triu_(1))
+        s.sub_(s.amax(-1, keepdim=True)).exp_()
+        weight = 1.0 / s.sum(-1)  # softmax normalisation, folded into the sum over queries
         if query_valid is not None:
-            p = p.masked_fill_(~query_valid[:, None, None, start:stop, None], 0.0)
-        out[..., :end] += p.nan_to_num_(0.0).sum(3)
+            weight = weight * query_valid[:, None, start:stop].float().repeat(1, 1, g)
+        weight = weight.view(b, h, g, 1, c)
+        out[..., :end] += torch.matmul(weight, s.view(b, h, g, c, end))
     return out.view(b, hq, n)
 
 

@@ -17,7 +17,7 @@ Defaults and choices:
   policy: every decode query's attention is added to the accumulated scores (kept in the cache state, aligned with the
   kept entries, and counted as cache memory: one float32 per kept entry), and the lowest heavy-hitter is evicted so
   each (row, head) stays at its prefill size (or ``budget``).
-* ``chunk=256`` queries per block: memory O(chunk · S · heads).
+* ``chunk=128`` queries per block: memory O(chunk · S · heads) (64 MiB at 16K with 8 query heads).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class H2O(ScoredTokenCompressor):
 
     recent: float = 0.5
     gqa: str = "mean"
-    chunk: int = 256
+    chunk: int = 128
     phase: str = "prefill"
 
     def __post_init__(self) -> None:

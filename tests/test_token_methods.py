@@ -188,9 +188,12 @@ def test_h2o_matches_reference(kw) -> None:
 
 def test_attention_mass_chunks_agree_and_never_build_s_by_s() -> None:
     view, query = _batch()
-    full = attention_mass(query, view.keys, view.valid, D**-0.5, chunk=10_000)
+    qv = view.valid.any(1)
+    full = attention_mass(query, view.keys, view.valid, D**-0.5, query_valid=qv, chunk=10_000)
     for chunk in (1, 5, 16):
-        torch.testing.assert_close(attention_mass(query, view.keys, view.valid, D**-0.5, chunk=chunk), full)
+        torch.testing.assert_close(attention_mass(query, view.keys, view.valid, D**-0.5, query_valid=qv, chunk=chunk), full)
+    # each valid query's attention sums to 1 over its row's keys
+    assert torch.allclose(full.sum(-1), qv.sum(-1, keepdim=True).float().expand(-1, HQ), atol=1e-4)
 
 
 @pytest.mark.parametrize("kw", [dict(ratio=0.3), dict(budget=10), dict(budget=100)])
