@@ -134,6 +134,7 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
         accuracy["note"] = loaded.note
     memory = cache.memory_report()
     memory["pipeline"] = [c.describe() for c in cache.compressors] or ["full"]
+    memory.update(_prefill_costs(cache, model.config, int(memory["context_tokens"])))
     lat = cfg.latency
     latency = latency_block(
         model.config,
@@ -154,12 +155,41 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
         "memory": memory,
         "accuracy": accuracy,
         "latency": latency,
+        "method_state": _jsonable(cache.shared),  # what methods decided (kept layers, merged pairs, errors, ...)
         "provenance": provenance(int(cfg.seed), str(cfg.device), int(cfg.threads)),
     }
     append_row(results_path, row)
     if cfg.print_summary:
         print(summary_table(row, results_path))
     return row
+
+
+def _prefill_costs(cache: kvcompress.KVCompressCache, config: Any, context: int) -> dict[str, Any]:
+    """Scoring work methods declare for the latency model's prefill term, and whether any prefill compute is saved."""
+    extra, skips = 0.0, set()
+    for comp in cache.compressors:
+        if hasattr(comp, "prefill_cost"):
+            cost = comp.prefill_cost(config.get_text_config(), context)
+            extra += float(cost.get("extra_prefill_flops", 0.0))
+            skips.update(cost.get("prefill_skips_kv_layers", ()))
+    return {
+        "extra_prefill_flops": extra,
+        "prefill_skips_kv_layers": sorted(skips),
+        "prefill_saving": "compute" if skips else "memory-only",
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain-JSON parts of compressor state (tensors and other objects are left out)."""
+    if isinstance(obj, dict):
+        items = {str(k): _jsonable(v) for k, v in obj.items()}
+        return {k: v for k, v in items.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        items = [_jsonable(v) for v in obj]
+        return items if all(v is not None for v in items) else None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return None
 
 
 def _prepare_artifacts(names: list[str], loaded: Any) -> None:
