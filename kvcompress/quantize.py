@@ -64,16 +64,28 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """Inverse of :func:`pack`: the first ``n`` codes of the last axis, as ``dtype`` (written straight into a tensor
-    of that dtype, one byte-plane at a time, so no wide temporary is made)."""
+    """Inverse of :func:`pack`: the first ``n`` codes of the last axis, as ``dtype``. Codes are written straight into
+    the output, one byte-plane at a time and in slabs of rows, so the only temporary is a small byte slab."""
     bits = check_bits(bits)
     if bits == 8:
         return packed[..., :n].to(dtype)
     per, mask = 8 // bits, (1 << bits) - 1
-    out = torch.empty(*packed.shape[:-1], packed.shape[-1] * per, dtype=dtype, device=packed.device)
-    for j in range(per):
-        out[..., j::per] = (packed >> (bits * j)) & mask
+    m = packed.shape[-1]
+    out = torch.empty(*packed.shape[:-1], m * per, dtype=dtype, device=packed.device)
+    src, dst = packed.reshape(-1, m), out.view(-1, m * per)
+    rows = max(1, _SLAB_BYTES // max(1, m))
+    tmp = torch.empty(min(rows, src.shape[0]), m, dtype=torch.uint8, device=packed.device)
+    for start in range(0, src.shape[0], rows):
+        block = src[start : start + rows]
+        t = tmp[: block.shape[0]]
+        for j in range(per):
+            torch.bitwise_right_shift(block, bits * j, out=t)
+            t.bitwise_and_(mask)
+            dst[start : start + rows, j::per] = t
     return out[..., :n] if out.shape[-1] != n else out
+
+
+_SLAB_BYTES = 1 << 16
 
 
 # ---------------------------------------------------------------------------------------------------------------
