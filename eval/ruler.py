@@ -522,9 +522,10 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
         value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
         return default if value is None else value
 
-    tasks = [str(t) for t in get("tasks", list(TASKS))]
-    if isinstance(get("tasks", None), str):
-        tasks = [t.strip() for t in str(get("tasks", "")).split(",") if t.strip()]
+    tasks = get("tasks", list(TASKS))
+    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
+    if not [t for t in tasks if t]:
+        raise KVCompressError(f"ruler: no tasks given; valid choices: {', '.join(sorted(TASKS))}")
     lengths = [int(x) for x in get("lengths", [1024])]
     query_aware = bool(get("query_aware", True))
     answer_prefix = str(get("answer_prefix", "ruler"))
@@ -553,20 +554,23 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
         "task": "ruler", "samples": len(samples), "query_aware": query_aware, "answer_prefix": answer_prefix,
     }
     per_task: dict[str, float] = {}
+    per_length: dict[str, float] = {}
+    part: dict[str, float] = {}
     for task in tasks:
         idx = [i for i, s in enumerate(samples) if s.task == task]
         metric = METRICS[TASKS[task].metric]
-        per_task[task] = metric([preds[i] for i in idx], [samples[i].outputs for i in idx])
-        result[f"{task}.string_match_part"] = string_match_part(
-            [preds[i] for i in idx], [samples[i].outputs for i in idx]
-        )
+        task_preds, task_refs = [preds[i] for i in idx], [samples[i].outputs for i in idx]
+        per_task[task] = metric(task_preds, task_refs)
+        part[f"{task}.string_match_part"] = string_match_part(task_preds, task_refs)
         for length in lengths:
             li = [i for i in idx if samples[i].context_length == length]
-            result[f"{task}@{length}"] = metric([preds[i] for i in li], [samples[i].outputs for i in li])
-    result.update(per_task)
+            per_length[f"{task}@{length}"] = metric([preds[i] for i in li], [samples[i].outputs for i in li])
     result["average"] = sum(per_task.values()) / max(1, len(per_task))
+    result.update(per_task)
     for length in lengths:
-        result[f"average@{length}"] = sum(result[f"{t}@{length}"] for t in tasks) / max(1, len(tasks))
+        result[f"average@{length}"] = sum(per_length[f"{t}@{length}"] for t in tasks) / max(1, len(tasks))
+    result.update(per_length)
+    result.update(part)
     result["_cache"] = cache
     return result
 
