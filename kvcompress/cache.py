@@ -308,19 +308,60 @@ class KVCompressLayer(CacheLayerMixin):
         self.length = 0
         self.positions = view.keys.new_empty((b, h, 0), dtype=torch.long) if flat_pos is not None else None
 
+    def plain_tail(self) -> int:
+        """Longest run of full-precision entries at the end of any (row, head): its plain segment plus the buffer."""
+        return max((s.count for s in self.segments if s.codec is None), default=0) + self.length
+
     def encode(self, comp: HiddenCompressor, ctx: CompressionContext) -> bool:
-        """Hand full-precision entries to a hidden-axis codec: every plain segment, and the buffer except its newest
-        ``residual_tokens`` (in whole ``chunk_tokens``). Returns whether anything was encoded."""
-        changed = False
-        for i, seg in enumerate(self.segments):
-            if seg.codec is None:
-                codec = comp.encode(seg.keys, seg.values, ctx)
-                self.segments[i] = Segment(seg.rows, seg.heads, None, None, seg.positions, codec=codec, count=seg.count)
-                changed = True
+        """Hand full-precision entries to a hidden-axis codec. Per (row, head) pair the plain tail keeps its newest
+        ``residual_tokens``; the oldest whole ``chunk_tokens`` beyond that are encoded. Returns whether anything was."""
         residual, chunk = comp.residual_tokens(), comp.chunk_tokens()
+        if not any(s.codec is None for s in self.segments):
+            return self._encode_buffer(comp, ctx, residual, chunk)
+        # Ragged layout: each pair's tail is its plain segment (at most one, its newest) followed by the buffer.
+        b, h = self.keys.shape[:2]
+        t = self.length
+        covered = torch.zeros(b, h, dtype=torch.bool)
+        groups = []
+        for seg in self.segments:
+            if seg.codec is None:
+                covered[seg.rows, seg.heads] = True
+                groups.append((seg.rows, seg.heads, seg.keys, seg.values, seg.positions))
+        rest = (~covered).nonzero()
+        if len(rest) and t:
+            empty_pos = torch.empty(len(rest), 0, dtype=torch.long) if self.positions is not None else None
+            groups.append((rest[:, 0], rest[:, 1], self.keys.new_empty(len(rest), 0, self.keys.shape[-1]),
+                           self.values.new_empty(len(rest), 0, self.values.shape[-1]), empty_pos))
+        segments = [s for s in self.segments if s.codec is not None]
+        changed = False
+        for rows, heads, k, v, pos in groups:
+            if t:  # move this pair group's buffer entries into its tail
+                k = torch.cat([k, self.keys[rows, heads, :t]], 1)
+                v = torch.cat([v, self.values[rows, heads, :t]], 1)
+                if pos is not None and self.positions is not None:
+                    pos = torch.cat([pos, self.positions[rows, heads, :t]], 1)
+            total = k.shape[1]
+            n = (total - residual) // chunk * chunk if total > residual else 0
+            if n:
+                codec = comp.encode(k[:, :n].contiguous(), v[:, :n].contiguous(), ctx, rows, heads,
+                                    pos[:, :n] if pos is not None else None)
+                segments.append(Segment(rows, heads, None, None, pos[:, :n] if pos is not None else None, codec=codec, count=n))
+                changed = True
+            if total > n:
+                segments.append(Segment(rows, heads, k[:, n:].contiguous(), v[:, n:].contiguous(),
+                                        pos[:, n:] if pos is not None else None))
+        self.segments = segments
+        self.length = 0  # the buffer's entries now live in the segments; its capacity is kept for decoding
+        if self.positions is not None:
+            self.positions = self.positions[:, :, :0]
+        self.pristine = False
+        return changed
+
+    def _encode_buffer(self, comp: HiddenCompressor, ctx: CompressionContext, residual: int, chunk: int) -> bool:
+        """Uniform layout: encode the buffer's oldest whole chunks beyond the residual, for every pair at once."""
         n = (self.length - residual) // chunk * chunk if self.length > residual else 0
         if n <= 0:
-            return changed
+            return False
         b, h = self.keys.shape[:2]
         keys = self.keys[:, :, :n].reshape(b * h, n, -1)
         values = self.values[:, :, :n].reshape(b * h, n, -1)
@@ -328,7 +369,8 @@ class KVCompressLayer(CacheLayerMixin):
             keys, values = keys.clone(), values.clone()  # the codec must not hold a view of the buffer
         pos = self.positions[:, :, :n].reshape(b * h, n) if self.positions is not None else None
         rows, heads = torch.arange(b).repeat_interleave(h), torch.arange(h).repeat(b)
-        self.segments.append(Segment(rows, heads, None, None, pos, codec=comp.encode(keys, values, ctx), count=n))
+        codec = comp.encode(keys, values, ctx, rows, heads, pos)
+        self.segments.append(Segment(rows, heads, None, None, pos, codec=codec, count=n))
         rest = self.length - n
         if self.keys.shape[-2] > 2 * (rest + chunk) + 16:  # a prefill-sized buffer: release it, keep the residual
             self.keys = self.keys[:, :, n : self.length].clone()
@@ -515,7 +557,7 @@ class KVCompressCache(Cache):
             return
         for comp in self.compressors:
             if comp.axis is Axis.HIDDEN and comp.active("decode"):
-                if layer.length >= comp.residual_tokens() + comp.chunk_tokens():
+                if layer.plain_tail() >= comp.residual_tokens() + comp.chunk_tokens():
                     layer.encode(comp, self._context(layer, comp, module, query, "decode"))
 
     def _apply(

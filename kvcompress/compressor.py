@@ -163,10 +163,12 @@ class Codec(Protocol):
 class HiddenCompressor(Compressor):
     """Hidden-axis compressors change how kept vectors are stored, not which are kept.
 
-    After the selection axes, the cache hands each block of kept entries to :meth:`encode` and stores the returned
-    :class:`Codec` instead of the full-precision tensors. The newest :meth:`residual_tokens` of each (row, head)
-    stay in full precision in the append buffer; while decoding, the buffer is encoded in chunks of
-    :meth:`chunk_tokens` once it exceeds the residual by a chunk. Attention decodes one block at a time.
+    After the selection axes, the cache hands blocks of kept entries to :meth:`encode` and stores the returned
+    :class:`Codec` instead of the full-precision tensors. For every (row, KV head) pair the same rule holds, whatever
+    the layout (uniform buffer or ragged segments, batch or alone): of the pair's full-precision tail, the newest
+    :meth:`residual_tokens` stay in full precision and the oldest whole :meth:`chunk_tokens` beyond that are encoded —
+    at prefill and, while decoding, whenever the tail reaches ``residual + chunk``. Attention decodes one block at a
+    time.
     """
 
     axis: ClassVar[Axis | None] = Axis.HIDDEN
@@ -178,7 +180,17 @@ class HiddenCompressor(Compressor):
     def chunk_tokens(self) -> int:
         return 1
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, ctx: CompressionContext) -> Codec:
+    def encode(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        ctx: CompressionContext,
+        rows: torch.Tensor,
+        heads: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> Codec:
+        """Encode a block ``(pairs, count, head_dim)``; pair ``i`` is batch row ``rows[i]``, KV head ``heads[i]``;
+        ``positions`` (pairs, count) are the logical positions when the cache traces them."""
         raise NotImplementedError
 
 

@@ -12,12 +12,9 @@ half a quantization step (``scale / 2``) per group. A last group shorter than ``
 the grouped axis is not a multiple of it) has its own min/max. Values beyond the float16 range (|x| > 65504) are not
 supported.
 
-Residual handling shared by the codecs (:class:`ResidualHidden`): the core keeps the newest ``residual_tokens`` of
-the dense append buffer in full precision, but hands *ragged segments* (rows or heads that keep different token
-counts: a left-padded batch, a token-axis method before the hidden axis) to the codec whole. So that a row of a
-batch is stored exactly as it is alone, a codec given a whole segment applies the same rule itself: it encodes the
-oldest ``(count − residual) // chunk · chunk`` tokens of each pair and keeps the rest in full precision (held by the
-codec, counted as cache memory). Which block is a segment is told by identity (the core passes ``segment.keys``).
+Residual handling: the core keeps the newest ``residual_tokens`` of every (row, head) in full precision and hands
+the codecs only whole chunks of older entries (see :class:`kvcompress.compressor.HiddenCompressor`), the same way
+for a batch row as for the row alone.
 """
 
 from __future__ import annotations
@@ -152,44 +149,6 @@ def dequantize_groups_(out: torch.Tensor, scale: torch.Tensor, minimum: torch.Te
 # Codecs shared by the hidden-axis methods
 
 
-class PlainCodec:
-    """Entries kept as they are (a segment shorter than the residual window)."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        self.keys, self.values = keys, values
-
-    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys, self.values
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.keys, self.values]
-
-
-class SplitCodec:
-    """An encoded older part followed by a full-precision newest part (the residual window of a ragged segment)."""
-
-    def __init__(self, head: Any, tail_keys: torch.Tensor, tail_values: torch.Tensor):
-        self.head, self.tail_keys, self.tail_values = head, tail_keys, tail_values
-
-    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.head.decode()
-        return torch.cat([k, self.tail_keys], 1), torch.cat([v, self.tail_values], 1)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.head.tensors(), self.tail_keys, self.tail_values]
-
-
-def block_pairs(keys: torch.Tensor, ctx: CompressionContext) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The (row, KV head) of each pair of a block handed to ``encode``, and whether the block is a whole segment
-    (True) or the oldest part of the dense buffer (False, pairs in row-major order)."""
-    layer = ctx.cache.layers[ctx.layer_idx]
-    for seg in layer.segments:
-        if seg.keys is keys:
-            return seg.rows, seg.heads, True
-    b, h = layer.keys.shape[:2]
-    return torch.arange(b).repeat_interleave(h), torch.arange(h).repeat(b), False
-
-
 def relative_error(ref: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
     """(squared Frobenius error, squared Frobenius norm) in float64."""
     ref64 = ref.double()
@@ -224,20 +183,10 @@ class ResidualHidden(HiddenCompressor):
                      ctx: CompressionContext) -> Any:
         raise NotImplementedError
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, ctx: CompressionContext) -> Any:
-        rows, heads, whole_segment = block_pairs(keys, ctx)
-        count = keys.shape[1]
-        n = count
-        if whole_segment:
-            residual, chunk = self.residual_tokens(), self.chunk_tokens()
-            n = (count - residual) // chunk * chunk if count > residual else 0
-        if n == 0:
-            return PlainCodec(keys, values)
-        head = self.encode_block(keys[:, :n], values[:, :n], rows, heads, ctx)
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, ctx: CompressionContext, rows: torch.Tensor,
+               heads: torch.Tensor, positions: torch.Tensor | None = None) -> Any:
+        codec = self.encode_block(keys, values, rows, heads, ctx)
         with torch.no_grad():
-            k_hat, v_hat = head.decode()
-            record_error(ctx, relative_error(keys[:, :n], k_hat), relative_error(values[:, :n], v_hat))
-        del k_hat, v_hat
-        if n == count:
-            return head
-        return SplitCodec(head, keys[:, n:].clone(), values[:, n:].clone())
+            k_hat, v_hat = codec.decode()
+            record_error(ctx, relative_error(keys, k_hat), relative_error(values, v_hat))
+        return codec

@@ -153,11 +153,11 @@ class Share(HiddenCompressor):
             return "first" if layer + 1 < num_layers else "alone"
         return "second"
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, ctx: CompressionContext) -> ShareCodec:
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, ctx: CompressionContext, rows: torch.Tensor,
+               heads: torch.Tensor, positions: torch.Tensor | None = None) -> ShareCodec:
         shared = ctx.shared
         shared["prefill_saving"] = "memory-only"
-        layer = ctx.cache.layers[ctx.layer_idx]
-        codec = ShareCodec(keys, values, _block_of(layer, keys))
+        codec = ShareCodec(keys, values, (rows, heads, positions))
         role = self.role(ctx.layer_idx, ctx.num_layers)
         # Codecs of a pair's first layer wait for the second layer in the first layer's state (not a tensor: not
         # counted there; their tensors are counted in the segments that hold them).
@@ -202,17 +202,6 @@ class Share(HiddenCompressor):
             sides.append((part(n_k, merged, m), part(n_v, merged, m), part(src.keys, ~merged, k), part(src.values, ~merged, k)))
         a.set_merged(pair, *sides[0], owner=None)
         b.set_merged(pair, *sides[1], owner=a)
-
-
-def _block_of(layer, keys: torch.Tensor) -> tuple:
-    """(rows, heads, positions) of the block being encoded: a ragged segment's, or the whole buffer's."""
-    for seg in layer.segments:
-        if seg.keys is keys:
-            return seg.rows, seg.heads, seg.positions
-    b, h = layer.keys.shape[:2]
-    n = keys.shape[1]
-    pos = layer.positions[:, :, :n].reshape(b * h, n) if layer.positions is not None else None
-    return torch.arange(b).repeat_interleave(h), torch.arange(h).repeat(b), pos
 
 
 def _same_block(a: ShareCodec, b: ShareCodec) -> bool:

@@ -1,12 +1,15 @@
 """Test-wide settings: offline hub, one deliberate thread count, deterministic torch."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Artifacts (testbed weights, head scores, low-rank bases) go to a per-session directory, never the user's cache.
+os.environ.setdefault("KVCOMPRESS_CACHE", tempfile.mkdtemp(prefix="kvcompress-tests-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -42,7 +42,7 @@ class HalfPrecision(HiddenCompressor):
     def chunk_tokens(self) -> int:
         return self.chunk
 
-    def encode(self, keys, values, ctx):
+    def encode(self, keys, values, ctx, rows, heads, positions=None):
         return _HalfCodec(keys, values, self.exact)
 
 
@@ -180,3 +180,19 @@ def test_compressors_see_the_attention_block_input_and_output() -> None:
         i: ((1, 12, cfg.hidden_size), (1, 12, cfg.num_attention_heads, cfg.head_dim)) for i in range(cfg.num_hidden_layers)
     }
     assert all("_kvc_hidden_states" not in m.__dict__ for m in model.modules())
+
+
+def test_codec_rows_of_a_batch_are_encoded_as_alone_through_decode_flushes() -> None:
+    model = tiny_model("llama")
+    rows = prompts((37, 64, 23))
+    ids, mask = left_pad(rows)
+    comp = HalfPrecision(residual=8, chunk=4)
+    batch = _generate(model, ids, kvcompress.compress(model, [comp]), steps=12, mask=mask)
+    width = ids.shape[1]
+    for i, row in enumerate(rows):
+        cache = kvcompress.compress(model, [comp])
+        alone = _generate(model, row.view(1, -1), cache, steps=12)
+        n = min(alone.sequences.shape[1] - len(row), batch.sequences.shape[1] - width)
+        assert batch.sequences[i, width : width + n].tolist() == alone.sequences[0, len(row) : len(row) + n].tolist()
+        for step in range(n):
+            torch.testing.assert_close(batch.logits[step][i], alone.logits[step][0], atol=1e-5, rtol=0)

@@ -127,9 +127,9 @@ def test_quant_composes_with_token_and_head_methods() -> None:
         heads = kvcompress.compress(model, ["heads", "quant"], ratio=0.5, params={"quant": {"residual": 0}})
         model(ids, past_key_values=heads)
     for layer in heads.layers:
-        counts = sorted(s.count for s in layer.segments)
-        assert len(counts) == 2 and counts[0] < counts[1]  # both head groups, each encoded
-        assert all(type(s.codec).__name__ in ("QuantCodec", "SplitCodec") for s in layer.segments)
+        encoded = sorted(s.count for s in layer.segments if s.codec is not None)
+        assert len(encoded) == 2 and encoded[0] < encoded[1]  # both head groups, each encoded (whole groups of 32)
+        assert all(type(s.codec).__name__ == "QuantCodec" for s in layer.segments if s.codec is not None)
 
 
 # -- lowrank ---------------------------------------------------------------------------------------------------

@@ -355,13 +355,14 @@ def test_layers_compose_with_the_head_axis_bytes_are_analytic() -> None:
 
 def _quant_block_bytes(pairs: int, count: int, d: int, bits: int, group: int) -> int:
     """KIVI layout (methods/quant.py) with residual=0: whole groups of `group` tokens quantized (keys per channel
-    over token groups, values per token over channel groups, fp16 scale + minimum), the remainder kept in fp32;
-    plus the segment's row/head index (int64)."""
+    over token groups, values per token over channel groups, fp16 scale + minimum), the remainder kept in fp32 in
+    a segment of its own; each segment carries its row/head index (int64)."""
     n = count // group * group
     keys = pairs * n * d * bits // 8 + pairs * (n // group) * d * 2 * 2
     values = pairs * n * d * bits // 8 + pairs * n * math.ceil(d / group) * 2 * 2
     tail = pairs * (count - n) * d * 2 * FP32
-    return keys + values + tail + 2 * 8 * pairs
+    segments = (n > 0) + (count > n)
+    return keys + values + tail + segments * 2 * 8 * pairs
 
 
 def test_layers_heads_snapkv_quant_end_to_end_bytes_are_the_product_of_the_axes() -> None:
