@@ -11,7 +11,10 @@ Pipeline per sample (``run``):
    ``context``, ``answers``, ``length``, ``dataset``, ``language``, ``all_classes``, ``_id``; the files of the
    official ``data.zip``), read with ``datasets.load_dataset("json", ...)``. With ``data_dir: null`` the hub dataset
    ``hub_id`` (default ``THUDM/LongBench``, one config per task) is used, which needs the network: with
-   ``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1`` that is a one-line error instead of a long timeout.
+   ``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1`` that is a one-line error instead of a long timeout. (Recent
+   ``datasets`` releases no longer run loading scripts; if the THUDM copy needs one, ``hub_id:
+   Xnhyacinth/LongBench`` is the parquet re-host lm-eval uses; its ``question`` field is mapped to ``input``.)
+   LongBench-E tasks are named ``<task>_e`` (files ``<task>_e.jsonl``); ``tasks: e`` selects all 13.
 2. **Prompt**: ``PROMPTS[task].format(context=..., input=...)``.
 3. **Middle truncation**: when the prompt has more than ``max_len`` tokens (default **3500**, the official value for
    4K chat models; special tokens and the chat template's own tokens are not counted), the first and the last
@@ -150,6 +153,13 @@ METRIC: dict[str, str] = {
 }  # fmt: skip
 
 TASKS: tuple[str, ...] = tuple(PROMPTS)
+#: LongBench-E: 13 tasks re-sampled evenly over lengths (``<task>_e.jsonl`` / hub config ``<task>_e``); same
+#: prompts and metrics, scores also reported per length bucket (``length`` in words: 0-4k, 4-8k, 8k+).
+E_TASKS: tuple[str, ...] = tuple(
+    f"{t}_e"
+    for t in ("qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec", "triviaqa",
+              "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p")
+)  # fmt: skip
 #: The 16 English + code tasks compression papers report.
 ENGLISH_TASKS: tuple[str, ...] = tuple(
     t for t in TASKS if t not in ("multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh")
@@ -161,21 +171,54 @@ DEFAULT_HUB_ID = "THUDM/LongBench"
 
 
 # -- data -------------------------------------------------------------------------------------------------------
+GROUPS: dict[str, tuple[str, ...]] = {"all": TASKS, "en": ENGLISH_TASKS, "e": E_TASKS}
+
+
+def base_task(task: str) -> str:
+    """The LongBench task whose prompt, length and metric a task uses (``hotpotqa_e`` -> ``hotpotqa``)."""
+    return task[:-2] if task in E_TASKS else task
+
+
 def check_tasks(tasks: Sequence[str] | str | None) -> list[str]:
-    """Validate task names (``"all"`` / ``"en"`` / None expand to every / the English tasks)."""
-    if tasks is None or tasks == "all":
-        return list(TASKS)
-    if tasks == "en":
-        return list(ENGLISH_TASKS)
+    """Validate task names; ``all`` / ``en`` / ``e`` (also inside a list) expand to every task / the 16 English
+    and code tasks / the LongBench-E tasks; None means ``en``."""
+    if tasks is None:
+        tasks = "en"
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-    out = [str(t) for t in tasks]
-    for t in out:
-        if t not in PROMPTS:
-            raise unknown_choice("LongBench task", t, TASKS)
+    out: list[str] = []
+    for t in (str(t) for t in tasks):
+        names = GROUPS.get(t, (t,))
+        for name in names:
+            if name not in PROMPTS and name not in E_TASKS:
+                raise unknown_choice("LongBench task", name, (*GROUPS, *TASKS, *E_TASKS))
+            if name not in out:
+                out.append(name)
     if not out:
-        raise KVCompressError(f"no LongBench task given; valid choices: all, en, {', '.join(TASKS)}")
+        raise KVCompressError(f"no LongBench task given; valid choices: {', '.join((*GROUPS, *TASKS, *E_TASKS))}")
     return out
+
+
+def validate(cfg: Any) -> None:
+    """Check an eval config without loading anything heavy (task names, max_len, chat_template value, data
+    files present): a caller can run it before loading the model."""
+
+    def get(key, default):
+        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+        return default if value is None else value
+
+    tasks = check_tasks(get("tasks", "en"))
+    max_len = int(get("max_len", DEFAULT_MAX_LEN))
+    if max_len < 2:
+        raise KVCompressError(f"max_len={max_len} is invalid; valid: an integer >= 2")
+    mode = str(get("chat_template", "auto")).lower()
+    if mode not in _CHAT_MODES:
+        raise unknown_choice("chat_template", mode, ["auto", "true", "false"])
+    data_dir = get("data_dir", None)
+    for t in tasks:
+        _task_file(t, data_dir) if data_dir is not None else None
+    if data_dir is None and _offline():
+        _offline_error(str(get("hub_id", DEFAULT_HUB_ID)))
 
 
 def _offline() -> bool:
@@ -184,32 +227,41 @@ def _offline() -> bool:
 
 def found_tasks(data_dir: str | Path) -> list[str]:
     """LongBench task files present in ``data_dir`` (``<task>.jsonl``)."""
-    return sorted(p.stem for p in Path(data_dir).glob("*.jsonl") if p.stem in PROMPTS)
+    return sorted(p.stem for p in Path(data_dir).glob("*.jsonl") if p.stem in PROMPTS or p.stem in E_TASKS)
+
+
+def _task_file(task: str, data_dir: str | Path) -> Path:
+    root = Path(os.path.expanduser(str(data_dir)))
+    if not root.is_dir():
+        raise KVCompressError(
+            f"LongBench data_dir {str(root)!r} is not a directory; valid: a directory of <task>.jsonl files "
+            "(the official data.zip layout)"
+        )
+    path = root / f"{task}.jsonl"
+    if not path.is_file():
+        listed = ", ".join(found_tasks(root)) or "(none)"
+        raise KVCompressError(f"LongBench file {str(path)!r} not found; tasks found in {str(root)!r}: {listed}")
+    return path
+
+
+def _offline_error(hub_id: str) -> None:
+    raise KVCompressError(
+        f"LongBench data_dir is not set and the hub is offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE); "
+        f"valid: eval.data_dir=<directory with <task>.jsonl files>, or go online to load {hub_id!r}"
+    )
 
 
 def load_task(task: str, data_dir: str | Path | None = None, hub_id: str = DEFAULT_HUB_ID) -> list[dict[str, Any]]:
     """Rows of one task: from ``<data_dir>/<task>.jsonl`` or, with ``data_dir=None`` and the network, the hub."""
     check_tasks([task])
     if data_dir is not None:
-        root = Path(os.path.expanduser(str(data_dir)))
-        if not root.is_dir():
-            raise KVCompressError(
-                f"LongBench data_dir {str(root)!r} is not a directory; valid: a directory of <task>.jsonl files "
-                "(the official data.zip layout)"
-            )
-        path = root / f"{task}.jsonl"
-        if not path.is_file():
-            listed = ", ".join(found_tasks(root)) or "(none)"
-            raise KVCompressError(f"LongBench file {str(path)!r} not found; tasks found in {str(root)!r}: {listed}")
+        path = _task_file(task, data_dir)
         import datasets
 
         ds = datasets.load_dataset("json", data_files={"test": str(path)}, split="test")
     else:
         if _offline():
-            raise KVCompressError(
-                f"LongBench data_dir is not set and the hub is offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE); "
-                f"valid: eval.data_dir=<directory with <task>.jsonl files>, or go online to load {hub_id!r}"
-            )
+            _offline_error(hub_id)
         import datasets
 
         ds = datasets.load_dataset(hub_id, task, split="test")
@@ -246,9 +298,13 @@ def _chat_wrap(tokenizer) -> tuple[str, str]:
     return head, tail
 
 
+_CHAT_MODES = ("auto", "true", "false", "1", "0", "yes", "no", "on", "off", "none")
+
+
 def use_chat_template(task: str, tokenizer, mode: Any = "auto") -> bool:
     has = bool(getattr(tokenizer, "chat_template", None))
     mode = str(mode).lower() if mode is not None else "auto"
+    task = base_task(task)
     if mode in ("false", "0", "no", "off", "none"):
         return False
     if mode in ("true", "1", "yes", "on"):
@@ -262,7 +318,7 @@ def use_chat_template(task: str, tokenizer, mode: Any = "auto") -> bool:
 
 def build_prompt(task: str, row: dict[str, Any], tokenizer, max_len: int = DEFAULT_MAX_LEN, chat_template: Any = "auto") -> Prompt:
     """Token ids of one sample's prompt after middle truncation and the chat template, with the context boundary."""
-    template = PROMPTS[task]
+    template = PROMPTS[base_task(task)]
     text = template.format(context=row["context"], input=row.get("input") or "")
     # Character where the part after {context} starts (the question-agnostic split).
     prefix = template.split("{context}")[0].format(input=row.get("input") or "")
@@ -307,20 +363,27 @@ def build_prompt(task: str, row: dict[str, Any], tokenizer, max_len: int = DEFAU
 def stop_token_ids(task: str, tokenizer) -> list[int]:
     eos = tokenizer.eos_token_id
     out = [eos] if isinstance(eos, int) else list(eos or [])
-    if task == "samsum":  # official: stop at the newline token too
+    if base_task(task) == "samsum":  # official: stop at the newline token too
         nl = tokenizer.encode("\n", add_special_tokens=False)
         if nl:
             out.append(nl[-1])
     return out
 
 
+def length_bucket(length: Any) -> str:
+    """LongBench-E length bucket of a row (official ``eval.py``: ``length`` in words, < 4000 / < 8000 / more)."""
+    n = int(length or 0)
+    return "0-4k" if n < 4000 else ("4-8k" if n < 8000 else "8k+")
+
+
 # -- entry point ------------------------------------------------------------------------------------------------
 def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
     """Evaluation entry point (``kvcompress.run`` protocol): LongBench task scores (× 100) and their average.
 
-    ``cfg`` keys: ``tasks`` (list, ``all`` or ``en``), ``data_dir`` (required offline), ``hub_id``, ``max_len``
+    ``cfg`` keys: ``tasks`` (list; ``all``, ``en`` or ``e`` for LongBench-E), ``data_dir`` (required offline), ``hub_id``, ``max_len``
     (3500), ``samples`` (per task; null = all), ``chat_template`` (auto), ``query_aware`` (true),
-    ``max_new_tokens`` (null = official per task). Returns ``<task>`` scores, ``average``, counts, and ``_cache``.
+    ``max_new_tokens`` (null = official per task). Returns ``<task>`` scores, ``average``, counts, and ``_cache``;
+    LongBench-E tasks add ``<task>@0-4k`` / ``@4-8k`` / ``@8k+`` (buckets with no rows are left out).
     """
     import torch
 
@@ -331,12 +394,11 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
         value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
         return default if value is None else value
 
+    validate(cfg)
     tasks = check_tasks(get("tasks", "en"))
     data_dir = get("data_dir", None)
     hub_id = str(get("hub_id", DEFAULT_HUB_ID))
     max_len = int(get("max_len", DEFAULT_MAX_LEN))
-    if max_len < 2:
-        raise KVCompressError(f"max_len={max_len} is invalid; valid: an integer >= 2")
     limit = get("samples", None)
     chat = get("chat_template", "auto")
     query_aware = bool(get("query_aware", True))
@@ -347,13 +409,16 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     result: dict[str, Any] = {"task": "longbench", "max_len": max_len, "query_aware": query_aware}
     scores: dict[str, float] = {}
+    buckets: dict[str, float] = {}
     n_total = truncated = fallbacks = 0
     cache = None
     with torch.no_grad():
         for task in tasks:
             rows = data[task][: int(limit)] if limit else data[task]
-            new_tokens = int(fixed_new) if fixed_new else MAX_NEW_TOKENS[task]
+            base = base_task(task)
+            new_tokens = int(fixed_new) if fixed_new else MAX_NEW_TOKENS[base]
             per_sample = []
+            by_length: dict[str, list[float]] = {}
             for row in tqdm(rows, desc=f"longbench/{task}", leave=False):
                 p = build_prompt(task, row, tokenizer, max_len, chat)
                 if pos_limit is not None and len(p.input_ids) + new_tokens > pos_limit:
@@ -370,21 +435,26 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
                         model(ids[:, : p.boundary], past_key_values=cache)
                 out = model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
-                    max_new_tokens=new_tokens, min_new_tokens=1 if task == "samsum" else None,
+                    max_new_tokens=new_tokens, min_new_tokens=1 if base == "samsum" else None,
                     eos_token_id=stop_token_ids(task, tokenizer), pad_token_id=pad_id,
                 )
                 pred = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-                per_sample.append(
-                    M.score_sample(
-                        METRIC[task], pred, list(row["answers"]), row.get("all_classes"),
-                        first_line_only=task in M.FIRST_LINE_TASKS,
-                    )
+                score = M.score_sample(
+                    METRIC[base], pred, list(row["answers"]), row.get("all_classes"),
+                    first_line_only=base in M.FIRST_LINE_TASKS,
                 )
+                per_sample.append(score)
+                if task in E_TASKS:
+                    by_length.setdefault(length_bucket(row.get("length")), []).append(score)
                 truncated += int(p.truncated)
             scores[task] = 100.0 * sum(per_sample) / max(1, len(per_sample))
+            for bucket in ("0-4k", "4-8k", "8k+"):
+                if by_length.get(bucket):
+                    buckets[f"{task}@{bucket}"] = 100.0 * sum(by_length[bucket]) / len(by_length[bucket])
             n_total += len(per_sample)
     result.update(scores)
     result["average"] = sum(scores.values()) / max(1, len(scores))
+    result.update(buckets)
     result["samples"] = n_total
     result["truncated"] = truncated
     if not query_aware:

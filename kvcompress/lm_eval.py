@@ -49,9 +49,13 @@ import warnings
 from typing import Any
 
 import torch
-from lm_eval.api.registry import model_registry
-from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
+
+try:
+    from lm_eval.api.registry import model_registry
+    from lm_eval.models.huggingface import HFLM
+except ImportError as _err:  # lm-eval is an optional dependency (the `eval` extra)
+    raise ImportError(f"kvcompress.lm_eval needs lm-eval>=0.4.13: pip install 'kvcompress[eval]' ({_err})") from _err
 
 import kvcompress
 

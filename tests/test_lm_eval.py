@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("lm_eval")
+
 REPO = Path(__file__).resolve().parent.parent
 TASKS = REPO / "tests" / "data" / "lm_eval_tasks"
 

@@ -80,6 +80,7 @@ QUIRK_PAIRS = [("ABCD", "ABCD"), ("ABC", "ABC"), ("A B", "B"), ("ABCD B", "ABCD"
 
 @pytest.fixture(scope="module")
 def lm():
+    pytest.importorskip("lm_eval")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import lm_eval.tasks.longbench.metrics as lm_metrics
@@ -228,7 +229,7 @@ def test_errors_are_one_line_and_list_choices(tmp_path, monkeypatch):
     with pytest.raises(KVCompressError, match="is not a directory") as err:
         LB.load_task("hotpotqa", missing)
     assert str(missing) in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(KVCompressError, match=r"qasper.jsonl' not found; tasks found in .*: hotpotqa, passage_count, trec"):
+    with pytest.raises(KVCompressError, match=r"qasper.jsonl' not found; tasks found in .*: hotpotqa, hotpotqa_e, passage_count, trec$"):
         LB.load_task("qasper", FIXTURE)
     with pytest.raises(KVCompressError, match=r"tasks found in .*: \(none\)"):
         LB.load_task("qasper", tmp_path)
@@ -236,6 +237,19 @@ def test_errors_are_one_line_and_list_choices(tmp_path, monkeypatch):
     with pytest.raises(KVCompressError, match="hub is offline"):
         LB.load_task("hotpotqa", None)
     assert LB.check_tasks("en") == list(LB.ENGLISH_TASKS) and LB.check_tasks("trec,samsum") == ["trec", "samsum"]
+    assert LB.check_tasks(["e", "trec"]) == [*LB.E_TASKS, "trec"] and len(LB.E_TASKS) == 13
+    with pytest.raises(KVCompressError, match="unknown LongBench task 'lsht_e'"):  # not a LongBench-E task
+        LB.check_tasks(["lsht_e"])
+    # validate() catches config errors before a model is loaded
+    LB.validate({"tasks": ["hotpotqa", "trec"], "data_dir": str(FIXTURE)})
+    with pytest.raises(KVCompressError, match="trec_e.jsonl' not found"):
+        LB.validate({"tasks": ["hotpotqa", "trec_e"], "data_dir": str(FIXTURE)})
+    with pytest.raises(KVCompressError, match="chat_template"):
+        LB.validate({"tasks": ["trec"], "data_dir": str(FIXTURE), "chat_template": "sometimes"})
+    with pytest.raises(KVCompressError, match="max_len=1"):
+        LB.validate({"tasks": ["trec"], "data_dir": str(FIXTURE), "max_len": 1})
+    with pytest.raises(KVCompressError, match="hub is offline"):
+        LB.validate({"tasks": ["trec"]})
 
 
 # -- end to end ---------------------------------------------------------------------------------------------------
@@ -267,3 +281,15 @@ def test_full_cache_scores_are_deterministic_and_truncation_counted(testbed):
     a = LB.run(model, lambda: kvcompress.compress(model, "full"), cfg, tokenizer=tok)
     b = LB.run(model, lambda: kvcompress.compress(model, "full"), cfg, tokenizer=tok)
     assert a["passage_count"] == b["passage_count"] and a["truncated"] == 2
+
+
+def test_longbench_e_length_buckets(testbed):
+    import kvcompress
+
+    model, tok = testbed
+    cfg = {"tasks": ["hotpotqa_e"], "data_dir": str(FIXTURE), "max_new_tokens": 4}
+    out = LB.run(model, lambda: kvcompress.compress(model, "streaming", ratio=0.5), cfg, tokenizer=tok)
+    assert out["samples"] == 3
+    assert {k for k in out if "@" in k} == {"hotpotqa_e@0-4k", "hotpotqa_e@4-8k", "hotpotqa_e@8k+"}
+    assert out["hotpotqa_e"] == pytest.approx(sum(out[k] for k in out if "@" in k) / 3)  # one row per bucket
+    assert [LB.length_bucket(n) for n in (0, 3999, 4000, 7999, 8000)] == ["0-4k", "0-4k", "4-8k", "4-8k", "8k+"]
