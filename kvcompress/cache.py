@@ -372,7 +372,7 @@ class KVCompressLayer(CacheLayerMixin):
         codec = comp.encode(keys, values, ctx, rows, heads, pos)
         self.segments.append(Segment(rows, heads, None, None, pos, codec=codec, count=n))
         rest = self.length - n
-        if self.keys.shape[-2] > 2 * (rest + chunk) + 16:  # a prefill-sized buffer: release it, keep the residual
+        if ctx.phase == "prefill":  # release the prefill-sized buffer, keep the residual at its exact size
             self.keys = self.keys[:, :, n : self.length].clone()
             self.values = self.values[:, :, n : self.length].clone()
         else:  # decode: shift the residual to the front, keeping the capacity

@@ -151,6 +151,8 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
         "budget": cfg.budget,
         "model": {"name": loaded.name, "constructed": loaded.constructed, "random_init": loaded.random_init},
         "task": cfg.eval.name,
+        # query-aware: the question is part of what is compressed; question-agnostic: the context alone is
+        "query_aware": bool(accuracy.get("query_aware", cfg.eval.get("query_aware", True))),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "memory": memory,
         "accuracy": accuracy,
@@ -198,6 +200,10 @@ def _prepare_artifacts(names: list[str], loaded: Any) -> None:
         from .heads import ensure_scores
 
         ensure_scores(loaded.model, loaded.tokenizer)
+    if "lowrank" in names:
+        from .lowrank import ensure_calibrated
+
+        ensure_calibrated(loaded.model, loaded.tokenizer)
 
 
 def _eval_module(name: str) -> Any:
