@@ -108,3 +108,25 @@ def test_run_on_testbed():
     cfg = {"tasks": "niah_single_1", "lengths": [384], "new_tokens": 8, "query_aware": False}
     res = ruler.run(model, full, cfg, seed=0, tokenizer=tokenizer)
     assert res["niah_single_1"] == 0.0 and res["query_aware"] is False and res["answer_prefix"] == "ruler"
+
+
+def test_byte_level_bpe_tokenizer():
+    """Any HF tokenizer works: with a byte-level BPE (no <unk>), fwe uses RULER's random coded words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kvcompress.eval import haystack
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|eos|>"]
+    )
+    bpe.train_from_iterator([haystack.corpus_text("pydoc")[:100_000]], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|eos|>")
+    samples = make_ruler_samples(tok, ["niah_single_3", "vt", "cwe", "fwe"], [1024])
+    for s in samples:
+        assert 1024 - 80 <= s.num_tokens + s.max_new_tokens <= 1024
+    fwe = samples[-1]
+    assert fwe.meta["words"] == "coded" and all(len(w) == 6 and w.isalpha() for w in fwe.outputs)
