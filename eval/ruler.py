@@ -501,6 +501,33 @@ def make_ruler_samples(
     return out
 
 
+def _cfg_get(cfg, key, default):
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def validate(cfg) -> list[str]:
+    """Check an eval config without loading anything (task names, answer_prefix, lengths, samples); one-line
+    :class:`KVCompressError` on bad input. Returns the task list. A caller can run it before loading the model."""
+    tasks = _cfg_get(cfg, "tasks", list(TASKS))
+    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
+    tasks = [t for t in tasks if t]
+    if not tasks:
+        raise KVCompressError(f"ruler: no tasks given; valid choices: {', '.join(sorted(TASKS))}")
+    for t in tasks:
+        if t not in TASKS:
+            raise unknown_choice("ruler task", t, TASKS)
+    prefix = str(_cfg_get(cfg, "answer_prefix", "ruler"))
+    if prefix not in ANSWER_PREFIXES:
+        raise unknown_choice("ruler answer_prefix", prefix, ANSWER_PREFIXES)
+    for key in ("lengths",):
+        if any(int(x) < 1 for x in _cfg_get(cfg, key, [1024])):
+            raise KVCompressError(f"ruler: {key} must be positive token counts")
+    if int(_cfg_get(cfg, "samples", 1)) < 1:
+        raise KVCompressError("ruler: samples must be an integer >= 1")
+    return tasks
+
+
 def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
     """Evaluation entry point (``kvcompress.run`` protocol): RULER-style tasks through ``model.generate``.
 
@@ -522,10 +549,7 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
         value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
         return default if value is None else value
 
-    tasks = get("tasks", list(TASKS))
-    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
-    if not [t for t in tasks if t]:
-        raise KVCompressError(f"ruler: no tasks given; valid choices: {', '.join(sorted(TASKS))}")
+    tasks = validate(cfg)
     lengths = [int(x) for x in get("lengths", [1024])]
     query_aware = bool(get("query_aware", True))
     answer_prefix = str(get("answer_prefix", "ruler"))
@@ -580,6 +604,7 @@ __all__ = [
     "RulerSample",
     "make_ruler_samples",
     "run",
+    "validate",
     "string_match_all",
     "string_match_part",
     "wonderwords_list",

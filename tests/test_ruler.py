@@ -87,6 +87,11 @@ def test_bad_input_is_one_line(tok):
         make_ruler_samples(tok, ["niah_nope"], [512])
     with pytest.raises(KVCompressError, match="answer_prefix"):
         make_ruler_samples(tok, ["vt"], [512], answer_prefix="nope")
+    with pytest.raises(KVCompressError, match="unknown ruler task 'x'"):
+        ruler.validate({"tasks": "niah_single_1,x"})
+    with pytest.raises(KVCompressError, match="no tasks"):
+        ruler.validate({"tasks": []})
+    assert ruler.validate({}) == list(TASKS) and ruler.validate({"tasks": "vt, cwe"}) == ["vt", "cwe"]
     with pytest.raises(ValueError, match="too small"):
         make_ruler_samples(tok, ["niah_single_2"], [150])
 
