@@ -1,0 +1,34 @@
+"""Smoke test of the benchmark suite (``python -m kvcompress.bench --config quick`` with tiny sizes): every part
+runs and writes perf.md + perf.json with the expected blocks. Figures are not checked (a shared CPU)."""
+
+from __future__ import annotations
+
+import json
+
+from kvcompress.bench.__main__ import main
+from kvcompress.bench.report import targets
+
+
+def test_quick_config_tiny(tmp_path) -> None:
+    md, js = tmp_path / "perf.md", tmp_path / "perf.json"
+    results = main([
+        "--config", "quick", f"out_md={md}", f"out_json={js}",
+        "bandwidth.size_mib=8", "bandwidth.repeats=2",
+        "prefill.contexts=[256]", "prefill.methods=[full,snapkv]", "prefill.repeats=1",
+        "decode.contexts=[256]", "decode.variants=[dynamic,full,snapkv@0.5]", "decode.steps=2", "decode.repeats=1",
+        "decode.attention_iters=2", "decode.attention_repeats=1",
+        "memory.context=256", "memory.steps=2", "memory.methods=[full,snapkv]",
+        "throughput.lengths=[128]", "throughput.depths=[0.5]", "throughput.methods=[full]", "throughput.repeats=1",
+    ])
+    data = json.loads(js.read_text())
+    assert {"bandwidth", "prefill", "decode", "memory", "throughput", "machine"} <= set(data)
+    assert data["machine"]["torch_threads"] >= 1
+    dec = data["decode"]["kv-heavy"]["contexts"]["256"]
+    assert set(dec["rows"]) == {"dynamic", "full", "snapkv@0.5"} and dec["full_vs_dynamic"]["n"] == 1
+    assert dec["rows"]["snapkv@0.5"]["kept_fraction"] < 0.6
+    mem = data["memory"]["kv-heavy"]["rows"]
+    assert mem["full"]["storage_bytes"] >= mem["full"]["kept_bytes"] > mem["snapkv"]["kept_bytes"]
+    assert data["throughput"]["testbed"]["methods"]["full"]["samples_per_min"]["median"] > 0
+    text = md.read_text()
+    assert "## Targets" in text and "## Decode — kv-heavy" in text and "torch thread" in text
+    assert targets(results)  # at least one target evaluated
