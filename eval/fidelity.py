@@ -20,6 +20,8 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
+from kvcompress.distributed import gather, is_main_process, shard
+
 CacheFactory = Callable[[], Any]
 
 
@@ -41,33 +43,35 @@ def _continuation_logits(model: torch.nn.Module, prompt: torch.Tensor, tokens: l
 
 @torch.no_grad()
 def run(model: torch.nn.Module, make_cache: CacheFactory, cfg: Any, seed: int = 0, tokenizer: Any = None) -> dict[str, Any]:
-    """Returns the accuracy block and the cache of the last sample (for its memory report)."""
+    """Returns the accuracy block and the cache of the first sample (for its memory report). Samples are split
+    across processes under ``accelerate launch`` and gathered back in order."""
     context, new_tokens, samples = int(cfg.context), int(cfg.new_tokens), int(cfg.samples)
     vocab = model.config.get_text_config().vocab_size
     device = next(model.parameters()).device
-    token_agree, top1, kls = [], [], []
-    last_cache = None
-    for i in tqdm(range(samples), desc="fidelity", leave=False):
+    local, first_cache = [], None
+    for i in tqdm(shard(range(samples)), desc="fidelity", leave=False, disable=not is_main_process()):
         prompt = _prompt(vocab, context, seed * 1000 + i).to(device)
         full = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, past_key_values=DynamicCache())
         ref_tokens = full[0, context:].tolist()
         cache = make_cache()
         ours = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, past_key_values=cache)
         our_tokens = ours[0, context:].tolist()
-        token_agree.append(sum(a == b for a, b in zip(our_tokens, ref_tokens)) / len(ref_tokens))
+        agreement = sum(a == b for a, b in zip(our_tokens, ref_tokens)) / len(ref_tokens)
         ref_logits = _continuation_logits(model, prompt, ref_tokens, DynamicCache())
-        last_cache = make_cache()
-        our_logits = _continuation_logits(model, prompt, ref_tokens, last_cache)
-        top1.append((our_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item())
+        cache = make_cache()
+        our_logits = _continuation_logits(model, prompt, ref_tokens, cache)
+        first_cache = first_cache or cache
+        top1 = (our_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
         log_p, log_q = torch.log_softmax(ref_logits, -1), torch.log_softmax(our_logits, -1)
-        kls.append((log_p.exp() * (log_p - log_q)).sum(-1).mean().item())
+        local.append((agreement, top1, (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()))
+    token_agree, top1s, kls = zip(*gather(local, samples))
     return {
         "task": "fidelity",
         "samples": samples,
         "context": context,
         "new_tokens": new_tokens,
         "token_agreement": sum(token_agree) / samples,
-        "top1_agreement": sum(top1) / samples,
+        "top1_agreement": sum(top1s) / samples,
         "kl": sum(kls) / samples,
-        "_cache": last_cache,
+        "_cache": first_cache,
     }

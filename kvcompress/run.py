@@ -34,6 +34,7 @@ import kvcompress
 
 from .api import build_pipeline
 from .compressor import available_methods
+from .distributed import is_main_process
 from .errors import KVCompressError, unknown_choice
 from .latency import latency_block
 from .models import load_model
@@ -160,9 +161,10 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
         "method_state": _jsonable(cache.shared),  # what methods decided (kept layers, merged pairs, errors, ...)
         "provenance": provenance(int(cfg.seed), str(cfg.device), int(cfg.threads)),
     }
-    append_row(results_path, row)
-    if cfg.print_summary:
-        print(summary_table(row, results_path))
+    if is_main_process():  # under accelerate launch, samples were split and gathered: one row, from rank 0
+        append_row(results_path, row)
+        if cfg.print_summary:
+            print(summary_table(row, results_path))
     return row
 
 
