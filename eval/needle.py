@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from kvcompress.distributed import gather, is_main_process, shard
+
 from . import haystack as _haystack
 
 #: Needle keys: concrete nouns absent from the Python docs (a key is also skipped if it appears in the haystack).
@@ -399,7 +401,7 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
     ``heatmap`` (None, or a PNG path: the length × depth exact-match heatmap is written there).
     Returns flat metrics: ``exact_match`` and ``rouge1_recall`` overall, ``<metric>@<length>`` per length,
     ``<metric>@d<depth>`` per depth; ``grid`` / ``grid_rouge1_recall`` (``{"<length>": {"<depth>": score}}``,
-    scores in [0, 1]); ``heatmap`` (the PNG's path, when asked); plus ``_cache`` (the last sample's cache, for the
+    scores in [0, 1]); ``heatmap`` (the PNG's path, when asked); plus ``_cache`` (the first sample's cache, for the
     memory report).
     """
     import torch
@@ -422,12 +424,13 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
     device = next(model.parameters()).device
     fixed_new = get("new_tokens", None)
     query_aware = bool(get("query_aware", True))
-    hits: list[tuple[int, float, float, float]] = []  # (length, depth, exact match, rouge-1 recall)
-    cache = None
+    local: list[tuple[int, float, float, float]] = []  # (length, depth, exact match, rouge-1 recall)
+    first_cache = None
     with torch.no_grad():
-        for s in tqdm(samples, desc="needle", leave=False):
+        for s in tqdm(shard(samples), desc="needle", leave=False, disable=not is_main_process()):
             enc = tokenizer(s.prompt, return_tensors="pt").to(device)
             cache = make_cache()
+            first_cache = first_cache or cache
             if not query_aware:  # compress the context alone; generate() then appends the question uncompressed
                 boundary = s.prompt.rindex("\n") + 1  # the question follows the last newline
                 offsets = tokenizer(s.prompt, return_offsets_mapping=True)["offset_mapping"]
@@ -439,8 +442,9 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
             )
             pred = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             em, r1 = score_exact_match(pred, s.answer), score_rouge1_recall(pred, s.answer)
-            hits.append((s.context_length, s.depth, em, r1))
-    return _summarise(hits, lengths, depths, template, query_aware, get("heatmap", None), cache)
+            local.append((s.context_length, s.depth, em, r1))
+    hits = gather(local, len(samples))  # under accelerate launch: every process's samples, in order
+    return _summarise(hits, lengths, depths, template, query_aware, get("heatmap", None), first_cache)
 
 
 def _mean(xs) -> float:

@@ -63,6 +63,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from kvcompress.distributed import gather, is_main_process, shard
+
 from ..errors import KVCompressError, unknown_choice
 from . import haystack as _haystack
 from .needle import _digit_groups
@@ -538,7 +540,7 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
     ``pydoc`` corpus), ``new_tokens`` (override every task's max new tokens).
 
     Returns ``<task>`` (its RULER metric, ×100) and ``<task>@<length>``, ``average`` (mean over tasks, ×100) and
-    ``average@<length>``, ``<task>.string_match_part``, ``samples``, and ``_cache`` (the last sample's cache).
+    ``average@<length>``, ``<task>.string_match_part``, ``samples``, and ``_cache`` (the first sample's cache).
     """
     import torch
 
@@ -558,13 +560,14 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
         haystack=get("haystack", None), max_new_tokens=get("new_tokens", None),
     )
     device = next(model.parameters()).device
-    preds: list[str] = []
-    cache = None
+    local: list[str] = []
+    first_cache = None
     eos = tokenizer.eos_token_id
     with torch.no_grad():
-        for s in tqdm(samples, desc="ruler", leave=False):
+        for s in tqdm(shard(samples), desc="ruler", leave=False, disable=not is_main_process()):
             enc = tokenizer(s.prompt, return_tensors="pt").to(device)
             cache = make_cache()
+            first_cache = first_cache or cache
             if not query_aware:
                 offsets = tokenizer(s.prompt, return_offsets_mapping=True)["offset_mapping"]
                 q = next(i for i, (a, b) in enumerate(offsets) if b > a and a >= s.question_start)
@@ -573,7 +576,8 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
                 **enc, past_key_values=cache, do_sample=False, max_new_tokens=s.max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
             )
-            preds.append(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+            local.append(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    preds = gather(local, len(samples))  # under accelerate launch: every process's predictions, in order
     result: dict = {
         "task": "ruler", "samples": len(samples), "query_aware": query_aware, "answer_prefix": answer_prefix,
     }
@@ -595,7 +599,7 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
         result[f"average@{length}"] = sum(per_length[f"{t}@{length}"] for t in tasks) / max(1, len(tasks))
     result.update(per_length)
     result.update(part)
-    result["_cache"] = cache
+    result["_cache"] = first_cache
     return result
 
 

@@ -114,6 +114,8 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
         print(f"skipped: {'+'.join(names)} (ratio={cfg.ratio}) is already in {results_path} (rerun=true to redo)")
         return None
     eval_module = _eval_module(cfg.eval.name)
+    if hasattr(eval_module, "validate"):
+        eval_module.validate(cfg.eval)  # bad task names etc. fail before the model is loaded
     loaded = load_model(cfg.model, cfg.dtype, cfg.device)
     model = loaded.model
     _prepare_artifacts(names, loaded)

@@ -28,13 +28,15 @@ from .results import read_rows
 
 #: The headline metric of each task's accuracy block, in order of preference.
 HEADLINE = ("score", "average", "exact_match", "top1_agreement")
+#: Tasks that report on a 0–100 scale (as their papers do); tables show every headline on 0–1.
+PERCENT_TASKS = ("ruler", "longbench")
 
 
 def headline(accuracy: dict[str, Any]) -> float | None:
     for key in HEADLINE:
         value = accuracy.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return float(value) / (100.0 if accuracy.get("task") in PERCENT_TASKS else 1.0)
     return None
 
 
