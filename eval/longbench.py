@@ -336,11 +336,11 @@ def build_prompt(task: str, row: dict[str, Any], tokenizer, max_len: int = DEFAU
     trail: list[int] = []
     body_start: list[int] = []  # char start of each body token
     for tok, (a, b) in zip(ids, offsets):
-        if (a, b) == (0, 0) and tok in special and not body:  # leading special tokens (BOS) added by the tokenizer
+        if (a, b) == (0, 0) and tok in special:  # special tokens the tokenizer adds (BOS before, EOS after)
+            (trail if body else lead).append(tok)
+        elif a < lo and not body:  # the chat template's opening text
             lead.append(tok)
-        elif a < lo and not body:
-            lead.append(tok)
-        elif a >= hi or (b == a and tok in special and body and a >= hi - 1):
+        elif a >= hi:  # the chat template's closing text
             trail.append(tok)
         else:
             body.append(tok)

@@ -114,6 +114,11 @@ def test_metrics_equal_lm_eval_on_table(lm):
     assert set(M.METRICS) == {name for name, *_ in _table(lm)}
 
 
+def test_classification_keeps_the_official_iteration_quirk():
+    # a plain filter would drop A, AB, ABC and B and score 1.0; the official loop skips AB and B: 1/2
+    assert M.classification("ABCD", "ABCD", all_classes=QUIRK_CLASSES) == 0.5
+
+
 def test_sample_scores_equal_lm_eval_wrappers(lm):
     """Max over gold answers (and the stripped prediction lm-eval passes) agree with lm-eval's per-doc wrappers."""
     wrappers = {
@@ -293,3 +298,28 @@ def test_longbench_e_length_buckets(testbed):
     assert {k for k in out if "@" in k} == {"hotpotqa_e@0-4k", "hotpotqa_e@4-8k", "hotpotqa_e@8k+"}
     assert out["hotpotqa_e"] == pytest.approx(sum(out[k] for k in out if "@" in k) / 3)  # one row per bucket
     assert [LB.length_bucket(n) for n in (0, 3999, 4000, 7999, 8000)] == ["0-4k", "0-4k", "4-8k", "4-8k", "8k+"]
+
+
+def test_prompt_boundary_with_byte_level_bpe():
+    """Offsets-based split and truncation also hold for a byte-level BPE tokenizer (spaces/newlines inside tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["context"] for f in FIXTURE.glob("*.jsonl") for line in f.read_text().splitlines()]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        texts + list(LB.PROMPTS.values()),
+        trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    row = LB.load_task("hotpotqa", FIXTURE)[0]
+    full = LB.build_prompt("hotpotqa", row, tok)
+    assert full.input_ids == tok(LB.PROMPTS["hotpotqa"].format(**row))["input_ids"]
+    assert tok.decode(full.input_ids[full.boundary :]).startswith("\n\nAnswer the question")
+    assert tok.decode(full.input_ids[1 : full.boundary]).endswith("fishing.")
+    cut = LB.build_prompt("hotpotqa", row, tok, max_len=full.num_tokens_before - 10)
+    assert cut.truncated and len(cut.input_ids) == 1 + 2 * ((full.num_tokens_before - 10) // 2)
+    assert cut.input_ids[cut.boundary :] == full.input_ids[full.boundary :]
