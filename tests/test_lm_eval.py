@@ -119,3 +119,27 @@ def test_simple_evaluate_with_instance(full_lm, monkeypatch):
     )
     assert res["results"]["kvc_tiny_gen"]["exact_match,first_word"] == 1.0  # full cache: the testbed copies needles
     assert full_lm.last_cache is not None and full_lm.last_cache.memory_report()["kept_fraction"] == 1.0
+
+
+def test_continuation_logits_equal_teacher_forced_decoding(kvlm, testbed_dir):
+    """The continuation forward (q_len > 1, causal among its tokens) equals feeding it one token at a time."""
+    import torch
+
+    import kvcompress
+
+    lm = kvlm.KVCompressLM(pretrained=testbed_dir, method="snapkv", ratio=0.3, device="cpu", batch_size=1)
+    g = torch.Generator().manual_seed(0)
+    inps = torch.randint(10, 5000, (1, 119), generator=g)  # context of 100 tokens + 20 continuation tokens, minus 1
+    lm._kvc_cont_len = 20
+    try:
+        logits = lm._model_call(inps)
+    finally:
+        lm._kvc_cont_len = None
+    assert logits.shape == (1, 20, lm.model.config.vocab_size)
+    cache = kvcompress.compress(lm.model, "snapkv", ratio=0.3)
+    with torch.no_grad():
+        steps = [lm.model(inps[:, :100], past_key_values=cache).logits[:, -1:]]
+        with cache.paused():
+            steps += [lm.model(inps[:, i : i + 1], past_key_values=cache).logits for i in range(100, 119)]
+    assert torch.allclose(logits, torch.cat(steps, 1), atol=1e-3)
+    assert lm.last_cache.memory_report()["kept_fraction"] < 0.5
