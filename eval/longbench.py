@@ -48,6 +48,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..distributed import gather, is_main_process, shard
 from ..errors import KVCompressError, unknown_choice
 from . import longbench_metrics as M
 
@@ -382,7 +383,9 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
 
     ``cfg`` keys: ``tasks`` (list; ``all``, ``en`` or ``e`` for LongBench-E), ``data_dir`` (required offline), ``hub_id``, ``max_len``
     (3500), ``samples`` (per task; null = all), ``chat_template`` (auto), ``query_aware`` (true),
-    ``max_new_tokens`` (null = official per task). Returns ``<task>`` scores, ``average``, counts, and ``_cache``;
+    ``max_new_tokens`` (null = official per task). Returns ``<task>`` scores, ``average``, counts, and ``_cache``
+    (the first sample's cache, for the memory report); under ``accelerate launch`` samples are split across
+    processes and gathered in order, so the scores equal a single-process run's;
     LongBench-E tasks add ``<task>@0-4k`` / ``@4-8k`` / ``@8k+`` (buckets with no rows are left out).
     """
     import torch
@@ -407,57 +410,56 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
     data = {t: load_task(t, data_dir, hub_id) for t in tasks}  # fail on missing data before any computation
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result: dict[str, Any] = {"task": "longbench", "max_len": max_len, "query_aware": query_aware}
-    scores: dict[str, float] = {}
-    buckets: dict[str, float] = {}
-    n_total = truncated = fallbacks = 0
-    cache = None
+    items = [(t, row) for t in tasks for row in (data[t][: int(limit)] if limit else data[t])]
+    local: list[tuple[str, float, str, bool, bool]] = []  # (task, score, length bucket, truncated, fell back)
+    first_cache = None
     with torch.no_grad():
-        for task in tasks:
-            rows = data[task][: int(limit)] if limit else data[task]
+        for task, row in tqdm(shard(items), desc="longbench", leave=False, disable=not is_main_process()):
             base = base_task(task)
             new_tokens = int(fixed_new) if fixed_new else MAX_NEW_TOKENS[base]
-            per_sample = []
-            by_length: dict[str, list[float]] = {}
-            for row in tqdm(rows, desc=f"longbench/{task}", leave=False):
-                p = build_prompt(task, row, tokenizer, max_len, chat)
-                if pos_limit is not None and len(p.input_ids) + new_tokens > pos_limit:
-                    raise KVCompressError(
-                        f"LongBench {task} prompt of {len(p.input_ids)} tokens (+{new_tokens} new) exceeds the model's "
-                        f"limit of {pos_limit} positions; valid: a smaller max_len"
-                    )
-                ids = torch.tensor([p.input_ids], device=device)
-                cache = make_cache()
-                if not query_aware:
-                    if p.boundary is None or p.boundary <= 0 or p.boundary >= ids.shape[1]:
-                        fallbacks += 1
-                    else:
-                        model(ids[:, : p.boundary], past_key_values=cache)
-                out = model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
-                    max_new_tokens=new_tokens, min_new_tokens=1 if base == "samsum" else None,
-                    eos_token_id=stop_token_ids(task, tokenizer), pad_token_id=pad_id,
+            p = build_prompt(task, row, tokenizer, max_len, chat)
+            if pos_limit is not None and len(p.input_ids) + new_tokens > pos_limit:
+                raise KVCompressError(
+                    f"LongBench {task} prompt of {len(p.input_ids)} tokens (+{new_tokens} new) exceeds the model's "
+                    f"limit of {pos_limit} positions; valid: a smaller max_len"
                 )
-                pred = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-                score = M.score_sample(
-                    METRIC[base], pred, list(row["answers"]), row.get("all_classes"),
-                    first_line_only=base in M.FIRST_LINE_TASKS,
-                )
-                per_sample.append(score)
-                if task in E_TASKS:
-                    by_length.setdefault(length_bucket(row.get("length")), []).append(score)
-                truncated += int(p.truncated)
-            scores[task] = 100.0 * sum(per_sample) / max(1, len(per_sample))
-            for bucket in ("0-4k", "4-8k", "8k+"):
-                if by_length.get(bucket):
-                    buckets[f"{task}@{bucket}"] = 100.0 * sum(by_length[bucket]) / len(by_length[bucket])
-            n_total += len(per_sample)
+            ids = torch.tensor([p.input_ids], device=device)
+            cache = make_cache()
+            first_cache = first_cache or cache
+            fell_back = False
+            if not query_aware:
+                if p.boundary is None or p.boundary <= 0 or p.boundary >= ids.shape[1]:
+                    fell_back = True
+                else:
+                    model(ids[:, : p.boundary], past_key_values=cache)
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+                max_new_tokens=new_tokens, min_new_tokens=1 if base == "samsum" else None,
+                eos_token_id=stop_token_ids(task, tokenizer), pad_token_id=pad_id,
+            )
+            pred = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            score = M.score_sample(
+                METRIC[base], pred, list(row["answers"]), row.get("all_classes"),
+                first_line_only=base in M.FIRST_LINE_TASKS,
+            )
+            local.append((task, score, length_bucket(row.get("length")), p.truncated, fell_back))
+    done = gather(local, len(items))  # under accelerate launch: every process's samples, in order
+    result: dict[str, Any] = {"task": "longbench", "max_len": max_len, "query_aware": query_aware}
+    scores = {t: _percent([s for task, s, *_ in done if task == t]) for t in tasks}
     result.update(scores)
     result["average"] = sum(scores.values()) / max(1, len(scores))
-    result.update(buckets)
-    result["samples"] = n_total
-    result["truncated"] = truncated
+    for t in (t for t in tasks if t in E_TASKS):
+        for bucket in ("0-4k", "4-8k", "8k+"):
+            cell = [s for task, s, b, *_ in done if task == t and b == bucket]
+            if cell:
+                result[f"{t}@{bucket}"] = _percent(cell)
+    result["samples"] = len(done)
+    result["truncated"] = sum(1 for *_, trunc, _ in done if trunc)
     if not query_aware:
-        result["query_aware_fallbacks"] = fallbacks
-    result["_cache"] = cache
+        result["query_aware_fallbacks"] = sum(1 for *_, fb in done if fb)
+    result["_cache"] = first_cache
     return result
+
+
+def _percent(scores: list[float]) -> float:
+    return 100.0 * sum(scores) / max(1, len(scores))
