@@ -224,3 +224,27 @@ def test_lowrank_rank_above_head_dim_is_an_error() -> None:
     cache = kvcompress.compress(model, "lowrank", rank=17, residual=0)
     with pytest.raises(KVCompressError, match="rank=17 exceeds head_dim=16"), torch.no_grad():
         model(prompts((40,))[0].view(1, -1), past_key_values=cache)
+
+
+def test_lowrank_error_falls_with_rank_on_the_testbed() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.haystack import corpus_text
+    from kvcompress.zoo import testbed_path
+
+    path = testbed_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    lr.ensure_calibrated(model, tokenizer)
+    ids = tokenizer(corpus_text()[20000:24000], return_tensors="pt")["input_ids"][:, :512]
+    errors = []
+    for ratio in (0.125, 0.25, 0.5, 0.75, 1.0):
+        cache = kvcompress.compress(model, "lowrank", ratio=ratio, residual=0)
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+        errors.append(cache.shared["lowrank"]["recon_error"])
+    for layer in range(model.config.num_hidden_layers):
+        for part in ("k", "v"):
+            seq = [e[layer][part] for e in errors]
+            assert all(a >= b - 1e-9 for a, b in zip(seq, seq[1:])), seq
+            assert seq[-1] < 1e-4
