@@ -16,6 +16,7 @@ or from Python (importing this module registers the model)::
 ``full``), ``ratio`` (fraction kept), ``budget`` (tokens), and method parameters as ``<method>.<field>=value``
 (``method=streaming,streaming.sink=8``). A bad method/ratio/parameter stops with a one-line ``KVCompressError``
 before the model is loaded. Put ``device`` on the command line (``--device cpu``), not in ``--model_args``.
+``heads`` / ``adaptive_heads`` get their per-model retrieval-head scores computed on first use, as in the run CLI.
 
 How requests use the cache (every request gets a fresh cache from ``kvcompress.compress``; ``last_cache`` keeps the
 last one for a memory report):
@@ -81,15 +82,19 @@ class KVCompressLM(HFLM):
         for key in [k for k in kwargs if "." in k]:  # <method>.<field>=value from --model_args
             name, _, field = key.partition(".")
             method_params.setdefault(name, {})[field] = kwargs.pop(key)
+        pipeline = build_pipeline(str(method), ratio=ratio, budget=budget, params=copy.deepcopy(method_params))
         self.kvc_method = str(method)
         self.kvc_ratio = None if ratio is None else float(ratio)
-        self.kvc_budget = None if budget is None else int(budget)
+        self.kvc_budget = budget
         self.kvc_params = method_params
-        build_pipeline(self.kvc_method, ratio=self.kvc_ratio, budget=self.kvc_budget, params=copy.deepcopy(method_params))
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise KVCompressError(f"model backend {self.backend!r} is not supported; valid: causal")
         kvcompress.attach(self.model)
+        if any(c.name in ("heads", "adaptive_heads") for c in pipeline):  # per-model head scores, as the run CLI does
+            from .heads import ensure_scores
+
+            ensure_scores(self.model, self.tokenizer)
         self.last_cache: kvcompress.KVCompressCache | None = None
         self._kvc_cont_len: int | None = None
         self._kvc_warned_batch = False
