@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"kvcompress.bench {cfg_path}: parts {parts}, {cfg.threads} thread(s), load {load_avg()}")
     if "bandwidth" in parts:
         results["bandwidth"] = bandwidth.measure(int(cfg.bandwidth.size_mib), int(cfg.bandwidth.repeats))
-        log(f"  bandwidth {results['bandwidth']['bandwidth_GBps']['median']:.2f} GB/s (copy, read+write)")
+        log(f"  bandwidth copy {results['bandwidth']['bandwidth_GBps']['median']:.2f} GB/s (read+write), "
+            f"read {results['bandwidth']['read_GBps']['median']:.2f} GB/s")
         save()
     if "prefill" in parts:
         results["prefill"] = {}
@@ -107,6 +108,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             notes = prepare(bm, sorted({decode.parse_variant(v)[0] for vs in by_ctx.values() for v in vs}))
             results["decode"][name] = decode.run(bm, cfg.decode, by_ctx, log)
             results["decode"][name]["notes"] = notes
+            save()
+        if "bandwidth" in results:  # a second measurement after the decode part, pooled with the first
+            results["bandwidth"] = bandwidth.merge(results["bandwidth"], bandwidth.measure(
+                int(cfg.bandwidth.size_mib), int(cfg.bandwidth.repeats)))
+            log(f"  bandwidth (pooled) copy {results['bandwidth']['bandwidth_GBps']['median']:.2f} GB/s, "
+                f"read {results['bandwidth']['read_GBps']['median']:.2f} GB/s")
             save()
     if "memory" in parts:
         results["memory"] = {}

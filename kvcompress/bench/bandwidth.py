@@ -1,7 +1,8 @@
 """The machine's streaming-copy memory bandwidth, measured in the same run as the decode timings.
 
-``dst.copy_(src)`` of a large fp32 buffer (default 256 MiB, far beyond any cache level), with the configured
-torch thread count; bytes moved = read + write = 2 × buffer. Median over repeats with min–max.
+Two streams over a large fp32 buffer (default 256 MiB, far beyond any cache level), with the configured torch thread
+count: ``copy`` = ``dst.copy_(src)``, bytes = read + write = 2 × buffer; ``read`` = ``src.sum()``, bytes = 1 × buffer
+(a decode step only reads the cache, so this is its roofline). Interleaved; median over repeats with min–max.
 """
 
 from __future__ import annotations
@@ -19,12 +20,22 @@ def measure(size_mib: int = 256, repeats: int = 7) -> dict[str, Any]:
     src = torch.randn(n)
     dst = torch.empty_like(src)
     dst.copy_(src)  # fault the pages in before timing
-    rates, loads = [], []
+    copy, read, loads = [], [], []
     for _ in range(repeats):
         loads.append(load_avg()[0])
         start = time.perf_counter()
         dst.copy_(src)
-        seconds = time.perf_counter() - start
-        rates.append(2 * n * 4 / seconds)
-    return {"buffer_bytes": n * 4, "bytes_per_copy": 2 * n * 4, "threads": torch.get_num_threads(),
-            "bandwidth_GBps": summary(rates, 1e-9), "load_1min": summary(loads)}
+        copy.append(2 * n * 4 / (time.perf_counter() - start))
+        start = time.perf_counter()
+        src.sum()
+        read.append(n * 4 / (time.perf_counter() - start))
+    return {"buffer_bytes": n * 4, "threads": torch.get_num_threads(), "samples_copy": copy, "samples_read": read,
+            "loads": loads, "bandwidth_GBps": summary(copy, 1e-9), "read_GBps": summary(read, 1e-9),
+            "load_1min": summary(loads)}
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Pool two measurements of the same run (e.g. before and after the decode part)."""
+    copy, read, loads = a["samples_copy"] + b["samples_copy"], a["samples_read"] + b["samples_read"], a["loads"] + b["loads"]
+    return {**a, "samples_copy": copy, "samples_read": read, "loads": loads, "bandwidth_GBps": summary(copy, 1e-9),
+            "read_GBps": summary(read, 1e-9), "load_1min": summary(loads), "measured": "before and after the decode part"}

@@ -98,8 +98,9 @@ def write(r: dict[str, Any], path: Path) -> None:
     if "bandwidth" in r:
         b = r["bandwidth"]
         L += ["## Memory bandwidth", "",
-              f"`Tensor.copy_` of {b['buffer_bytes'] / MiB:.0f} MiB fp32, {b['threads']} thread(s), read + write bytes: "
-              f"**{fmt(b['bandwidth_GBps'])} GB/s** (load {fmt(b['load_1min'])}).", ""]
+              f"{b['buffer_bytes'] / MiB:.0f} MiB fp32 buffer, {b['threads']} thread(s), {b.get('measured', 'at start')}: "
+              f"streaming copy (`Tensor.copy_`, read + write bytes) **{fmt(b['bandwidth_GBps'])} GB/s**; "
+              f"streaming read (`Tensor.sum`) **{fmt(b.get('read_GBps'))} GB/s** (load {fmt(b['load_1min'])}).", ""]
 
     for model, pre in (r.get("prefill") or {}).items():
         ctxs = list(pre["contexts"])
@@ -132,6 +133,7 @@ def write(r: dict[str, Any], path: Path) -> None:
         L.append("")
 
     bw = (r.get("bandwidth") or {}).get("bandwidth_GBps", {}).get("median")
+    bw_read = (r.get("bandwidth") or {}).get("read_GBps", {}).get("median")
     for model, dec in (r.get("decode") or {}).items():
         L += [f"## Decode — {model}", "",
               f"Per-step time ({dec['contexts'][next(iter(dec['contexts']))]['steps']} steps per repeat, "
@@ -162,7 +164,9 @@ def write(r: dict[str, Any], path: Path) -> None:
             L += [f"Fit over {f['points']} dense-path points (`full` + uniform token methods, all contexts): "
                   f"t = {f['a_ms']:.2f} ms + {f['b_s_per_GB'] * 1e3:.2f} ms/GB · bytes (R² {f['r2']:.3f}); "
                   f"marginal bandwidth 1/b = **{f['effective_GBps']:.2f} GB/s** = **{frac:.2f}×** the measured copy "
-                  f"bandwidth ({bw:.2f} GB/s)." if bw else "", ""]
+                  f"bandwidth ({bw:.2f} GB/s)"
+                  + (f", **{f['effective_GBps'] / bw_read:.2f}×** the streaming-read bandwidth ({bw_read:.2f} GB/s)"
+                     if bw_read else "") + "." if bw else "", ""]
         if dec.get("notes"):
             L += ["Set-up: " + "; ".join(f"{k}: {v}" for k, v in dec["notes"].items()) + ".", ""]
 
