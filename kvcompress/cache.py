@@ -637,10 +637,25 @@ class KVCompressCache(Cache):
             out.append(pos.tolist())
         return out
 
+    def effective_bits(self) -> list[float]:
+        """Per layer, the stored bits per kept key/value element, everything held included (quantization scales,
+        indices, codec metadata, padding of an uncompressed batch): ``8 · kept_bytes / (kept tokens · (d_k + d_v))``.
+        With it, kept tokens × dims × bits reproduces each layer's bytes — what the latency model charges."""
+        bits = []
+        for layer in self.layers:
+            tokens = float(layer.kept_tokens().sum()) if layer.is_initialized else 0.0
+            dims = self.head_dim * 2 if not layer.is_initialized else layer.keys.shape[-1] + layer.values.shape[-1]
+            if tokens > 0:
+                bits.append(8.0 * layer.kept_bytes() / (tokens * dims))
+            else:
+                bits.append(8.0 * (layer.keys.element_size() if layer.is_initialized else 2))
+        return bits
+
     def memory_report(self) -> dict[str, Any]:
         """The memory block of a results row."""
         dense, kept = self.dense_bytes(), self.kept_bytes()
         first = next((layer for layer in self.layers if layer.is_initialized), None)
+        bits = self.effective_bits()
         return {
             "dense_bytes": dense,
             "kept_bytes": kept,
@@ -649,6 +664,8 @@ class KVCompressCache(Cache):
             "context_tokens": first.logical if first is not None else 0,
             "dtype_bytes": first.keys.element_size() if first is not None else None,
             "kept_tokens": self.kept_tokens(),
+            "key_bits": bits,  # effective (metadata included), the same for keys and values
+            "value_bits": bits,
             "simulated": False,  # every byte counted here is a byte held by a tensor
         }
 

@@ -57,8 +57,13 @@ def preflight(argv: list[str]) -> list[str]:
             out.append(arg)
             continue
         key, _, value = arg.partition("=")
-        if key.lstrip("+~") == "method" and "+" in value and "," not in value and "[" not in value:
-            arg = f"{key}=[{value.replace('+', ',')}]"
+        if key.lstrip("+~") == "method" and "+" in value and "[" not in value:
+            # a+b -> [a,b] (Hydra's multi-select); in a sweep a+b,c -> [a,b],[c]
+            if "," in value:
+                value = ",".join(f"[{part.replace('+', ',')}]" for part in value.split(","))
+            else:
+                value = f"[{value.replace('+', ',')}]"
+            arg = f"{key}={value}"
         out.append(arg)
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in out if not a.startswith("-") and "=" in a])

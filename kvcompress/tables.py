@@ -9,7 +9,7 @@ Writes, deterministically (same rows → byte-identical files):
   switch; Fu 2024's model on the row's deployment target), and the accuracy of each task;
 * ``<name>_axes.md``: the best accuracy per axis at each kept-fraction bucket;
 * ``<name>_pareto.png``: accuracy vs kept fraction, one series per method;
-* ``<name>_needle_<method>.png``: the needle length × depth heatmap of each row that carries a grid.
+* ``<name>_needle.png``: the needle length × depth heatmaps of the rows that carry a grid, one panel each.
 
 When a configuration appears in several rows, the last row wins.
 """
@@ -76,9 +76,23 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _params(row: dict[str, Any]) -> str:
-    if row.get("budget") is not None:
-        return f"budget={row['budget']}"
-    return f"ratio={row['ratio']}" if row.get("ratio") is not None else "default"
+    """``ratio=0.25`` / ``budget=128`` plus every method parameter that differs from its default."""
+    import dataclasses
+
+    from .compressor import REGISTRY, available_methods
+
+    available_methods()
+    parts = [f"budget={row['budget']}"] if row.get("budget") is not None else []
+    if not parts and row.get("ratio") is not None:
+        parts.append(f"ratio={row['ratio']}")
+    method_cfg = row.get("config", {}).get("method")
+    if isinstance(method_cfg, dict):
+        for name, params in method_cfg.items():
+            if name not in REGISTRY or not isinstance(params, dict):
+                continue
+            defaults = {f.name: f.default for f in dataclasses.fields(REGISTRY[name])}
+            parts += [f"{k}={v}" for k, v in sorted(params.items()) if k in defaults and defaults[k] != v]
+    return " ".join(parts) or "default"
 
 
 def method_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -178,35 +192,37 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def heatmaps(rows: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
-    """Needle length × depth heatmaps from the ``exact_match@<length>`` / per-cell grid of needle rows."""
+def heatmaps(rows: list[dict[str, Any]], path: Path) -> bool:
+    """One figure with the needle length × depth heatmap of every row that carries a ``grid``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    for row in rows:
-        grid = row.get("accuracy", {}).get("grid")
-        if row.get("task") != "needle" or not isinstance(grid, dict) or not grid:
-            continue
+    panels = [r for r in rows if r.get("task") == "needle" and isinstance(r.get("accuracy", {}).get("grid"), dict)
+              and r["accuracy"]["grid"]]
+    if not panels:
+        return False
+    cols = min(6, len(panels))
+    n_rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(2.2 * cols, 2.0 * n_rows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, panels):
+        grid = row["accuracy"]["grid"]
         lengths = sorted(grid, key=lambda x: int(x))
         depths = sorted({d for cells in grid.values() for d in cells}, key=float)
         values = [[grid[length].get(d, float("nan")) for length in lengths] for d in depths]
-        fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-        im = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(lengths)), lengths)
-        ax.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
-        ax.set_title(f"{row['method']} {_params(row)}", fontsize=9)
-        fig.colorbar(im)
-        fig.tight_layout()
-        path = out / f"{name}_needle_{row['method'].replace('+', '-')}_{_params(row).replace('=', '')}.png"
-        fig.savefig(path, metadata={"Software": None})
-        plt.close(fig)
-        written.append(path)
-    return written
+        ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(lengths)), lengths, fontsize=6)
+        ax.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths], fontsize=5)
+        ax.set_title(f"{row['method']} {_params(row)}\nkept {row['memory']['kept_fraction']:.2f}", fontsize=6)
+    fig.supxlabel("context length (tokens)", fontsize=8)
+    fig.supylabel("needle depth", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return True
 
 
 def generate(results: list[Path], out: Path, name: str = "methods") -> list[Path]:
@@ -228,7 +244,10 @@ def generate(results: list[Path], out: Path, name: str = "methods") -> list[Path
         path.write_text(text, encoding="utf-8")
     pareto = out / f"{name}_pareto.png"
     pareto_plot(rows, pareto)
-    return [*files, pareto, *heatmaps(rows, out, name)]
+    figures = [pareto]
+    if heatmaps(rows, out / f"{name}_needle.png"):
+        figures.append(out / f"{name}_needle.png")
+    return [*files, *figures]
 
 
 def main(argv: list[str] | None = None) -> None:

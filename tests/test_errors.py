@@ -81,3 +81,4 @@ def test_cli_preflight_errors(argv: list[str], expected: list[str]) -> None:
 
 def test_preflight_rewrites_plus_composition() -> None:
     assert preflight(["method=streaming+random", "ratio=0.5"]) == ["method=[streaming,random]", "ratio=0.5"]
+    assert preflight(["-m", "method=snapkv+quant,heads+quant,full"]) == ["-m", "method=[snapkv,quant],[heads,quant],[full]"]

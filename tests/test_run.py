@@ -101,3 +101,11 @@ def test_method_config_files_match_dataclass_defaults(name: str) -> None:
     params = yaml.safe_load(path.read_text())[name]
     defaults = {f.name: f.default for f in dataclasses.fields(get_method(name)) if f.name not in ("ratio", "budget")}
     assert params == defaults
+
+
+def test_latency_projection_charges_hidden_axis_bytes(tmp_path: Path) -> None:
+    row = run_config(_cfg("method=quant", "method.quant.residual=32", f"results={tmp_path / 'rows.jsonl'}"))
+    mem, evaluated = row["memory"], row["latency"]["evaluated"]
+    assert evaluated["ratio"]["kv_bytes"] == pytest.approx(mem["kept_fraction"], rel=1e-6)
+    # Effective bits (codes + fp16 scales + the fp32 residual window) are charged on the deployment target too.
+    assert row["latency"]["deployment"]["ratio"]["kv_bytes"] < 0.8
