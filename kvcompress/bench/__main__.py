@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the log
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -40,8 +41,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m kvcompress.bench", description=__doc__)
     parser.add_argument("--config", default="default", help="config name under configs/bench/ or a YAML path")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dot-list overrides, e.g. decode.repeats=3")
+    parser.add_argument("--render", metavar="JSON", help="only re-write the markdown from an existing results JSON "
+                        "(closing note taken from the current config)")
     args = parser.parse_args(argv)
     cfg, cfg_path = load_config(args.config, args.overrides)
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        results["config"]["closing_note"] = cfg.get("closing_note")
+        Path(args.render).write_text(json.dumps(results, indent=1, default=float) + "\n")
+        report.write(results, Path(cfg.out_md))
+        return results
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(0)
     started = time.perf_counter()
