@@ -17,16 +17,17 @@ from omegaconf import OmegaConf
 from transformers import DynamicCache
 
 import kvcompress
+from kvcompress.compat import cache_arg
 from kvcompress.models import load_model
 
 
 @torch.no_grad()
 def per_step_seconds(model, prompt: torch.Tensor, cache, steps: int) -> float:
-    model(prompt, past_key_values=cache, logits_to_keep=1)
+    model(prompt, **cache_arg(cache), logits_to_keep=1)
     token = torch.tensor([[5]])
     start = time.perf_counter()
     for _ in range(steps):
-        model(token, past_key_values=cache)
+        model(token, **cache_arg(cache))
     return (time.perf_counter() - start) / steps
 
 

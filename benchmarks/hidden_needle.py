@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from kvcompress.compat import cache_arg
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import kvcompress  # noqa: E402
@@ -49,7 +51,7 @@ def needle(model, tok, samples, method: str, params: dict) -> dict:
     for s in samples:
         enc = tok(s.prompt, return_tensors="pt")
         cache = kvcompress.compress(model, method, **params)
-        out = model.generate(**enc, past_key_values=cache, do_sample=False, pad_token_id=tok.pad_token_id,
+        out = model.generate(**enc, **cache_arg(cache), do_sample=False, pad_token_id=tok.pad_token_id,
                              max_new_tokens=s.max_new_tokens - 1)
         pred = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         hits.append(score_exact_match(pred, s.answer))
@@ -75,7 +77,7 @@ def _keys(model, ids) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
             lambda mod, args, out: pre.append(out[0].view(out.shape[1], cfg.num_key_value_heads, -1).transpose(0, 1))))
     cache = kvcompress.compress(model, "full")
     try:
-        model(ids, past_key_values=cache)
+        model(ids, **cache_arg(cache))
     finally:
         for h in hooks:
             h.remove()

@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from kvcompress.compat import cache_arg
+
 if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     os.execv(sys.executable, [sys.executable, *sys.argv])
@@ -48,15 +50,15 @@ MB = 1 / 2**20
 @torch.no_grad()
 def measure(model, prompt: torch.Tensor, method: str, steps: int, **params) -> dict:
     cache = kvcompress.compress(model, method, **params)
-    model(prompt, past_key_values=cache, logits_to_keep=1)
+    model(prompt, **cache_arg(cache), logits_to_keep=1)
     gc.collect()
     token = torch.tensor([[5]])
-    model(token, past_key_values=cache)  # warm-up step (first-call allocations)
+    model(token, **cache_arg(cache))  # warm-up step (first-call allocations)
     gc.collect()
     before = _status("VmRSS")
     _reset_peak()
     for _ in range(steps):
-        model(token, past_key_values=cache)
+        model(token, **cache_arg(cache))
     peak = _status("VmHWM")
     cfg = model.config
     n = cache.layers[0].logical

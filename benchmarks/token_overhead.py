@@ -29,7 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 import kvcompress
-from kvcompress.cache import KVCompressCache
+from kvcompress.compat import cache_arg
 from kvcompress.models import load_model
 
 
@@ -58,7 +58,7 @@ def overhead(model, method: str, context: int, repeats: int) -> dict:
 
         cache._prefill = timed
         start = time.perf_counter()
-        model(prompt, past_key_values=cache, logits_to_keep=1)
+        model(prompt, **cache_arg(cache), logits_to_keep=1)
         total = time.perf_counter() - start
         ratios.append((spent[0], total - spent[0]))
     ratios = ratios[1:]
@@ -74,7 +74,7 @@ def peak_child(method: str, context: int) -> dict:
     cache = kvcompress.compress(model, method, ratio=0.25) if method != "full" else kvcompress.compress(model, "full")
     before = _rss_bytes()
     start = time.perf_counter()
-    model(prompt, past_key_values=cache, logits_to_keep=1)
+    model(prompt, **cache_arg(cache), logits_to_keep=1)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"method": method, "context": context, "peak_growth_bytes": peak - before, "seconds": seconds,

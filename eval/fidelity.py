@@ -22,6 +22,8 @@ from transformers import DynamicCache
 
 from kvcompress.distributed import gather, is_main_process, shard
 
+from ..compat import cache_arg
+
 CacheFactory = Callable[[], Any]
 
 
@@ -33,10 +35,10 @@ def _prompt(vocab_size: int, length: int, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def _continuation_logits(model: torch.nn.Module, prompt: torch.Tensor, tokens: list[int], cache: Any) -> torch.Tensor:
     """Next-token logits after the prompt and after each of ``tokens[:-1]`` (teacher forcing), one step at a time."""
-    out = model(prompt, past_key_values=cache, logits_to_keep=1)
+    out = model(prompt, **cache_arg(cache), logits_to_keep=1)
     logits = [out.logits[0, -1].float()]
     for tok in tokens[:-1]:
-        out = model(torch.tensor([[tok]], device=prompt.device), past_key_values=cache)
+        out = model(torch.tensor([[tok]], device=prompt.device), **cache_arg(cache))
         logits.append(out.logits[0, -1].float())
     return torch.stack(logits)
 
@@ -51,10 +53,10 @@ def run(model: torch.nn.Module, make_cache: CacheFactory, cfg: Any, seed: int = 
     local, first_cache = [], None
     for i in tqdm(shard(range(samples)), desc="fidelity", leave=False, disable=not is_main_process()):
         prompt = _prompt(vocab, context, seed * 1000 + i).to(device)
-        full = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, past_key_values=DynamicCache())
+        full = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, **cache_arg(DynamicCache()))
         ref_tokens = full[0, context:].tolist()
         cache = make_cache()
-        ours = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, past_key_values=cache)
+        ours = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, **cache_arg(cache))
         our_tokens = ours[0, context:].tolist()
         agreement = sum(a == b for a, b in zip(our_tokens, ref_tokens)) / len(ref_tokens)
         ref_logits = _continuation_logits(model, prompt, ref_tokens, DynamicCache())

@@ -48,6 +48,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..compat import cache_arg
 from ..distributed import gather, is_main_process, shard
 from ..errors import KVCompressError, unknown_choice
 from . import longbench_metrics as M
@@ -431,9 +432,9 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
                 if p.boundary is None or p.boundary <= 0 or p.boundary >= ids.shape[1]:
                     fell_back = True
                 else:
-                    model(ids[:, : p.boundary], past_key_values=cache)
+                    model(ids[:, : p.boundary], **cache_arg(cache))
             out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+                input_ids=ids, attention_mask=torch.ones_like(ids), **cache_arg(cache), do_sample=False,
                 max_new_tokens=new_tokens, min_new_tokens=1 if base == "samsum" else None,
                 eos_token_id=stop_token_ids(task, tokenizer), pad_token_id=pad_id,
             )

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from kvcompress.distributed import gather, is_main_process, shard
 
+from ..compat import cache_arg
 from . import haystack as _haystack
 
 #: Needle keys: concrete nouns absent from the Python docs (a key is also skipped if it appears in the haystack).
@@ -435,9 +436,9 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
                 boundary = s.prompt.rindex("\n") + 1  # the question follows the last newline
                 offsets = tokenizer(s.prompt, return_offsets_mapping=True)["offset_mapping"]
                 question_start = next(i for i, (a, b) in enumerate(offsets) if b > a and a >= boundary)
-                model(enc["input_ids"][:, :question_start], past_key_values=cache)
+                model(enc["input_ids"][:, :question_start], **cache_arg(cache))
             out = model.generate(
-                **enc, past_key_values=cache, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                **enc, **cache_arg(cache), do_sample=False, pad_token_id=tokenizer.pad_token_id,
                 max_new_tokens=int(fixed_new) if fixed_new else s.max_new_tokens - 1,
             )
             pred = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -65,6 +65,7 @@ from tqdm import tqdm
 
 from kvcompress.distributed import gather, is_main_process, shard
 
+from ..compat import cache_arg
 from ..errors import KVCompressError, unknown_choice
 from . import haystack as _haystack
 from .needle import _digit_groups
@@ -571,9 +572,9 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
             if not query_aware:
                 offsets = tokenizer(s.prompt, return_offsets_mapping=True)["offset_mapping"]
                 q = next(i for i, (a, b) in enumerate(offsets) if b > a and a >= s.question_start)
-                model(enc["input_ids"][:, :q], past_key_values=cache)
+                model(enc["input_ids"][:, :q], **cache_arg(cache))
             out = model.generate(
-                **enc, past_key_values=cache, do_sample=False, max_new_tokens=s.max_new_tokens,
+                **enc, **cache_arg(cache), do_sample=False, max_new_tokens=s.max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
             )
             local.append(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))

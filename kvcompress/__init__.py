@@ -2,7 +2,7 @@
 
 >>> import kvcompress
 >>> cache = kvcompress.compress(model, "streaming", ratio=0.1)   # ratio = fraction KEPT
->>> out = model.generate(**inputs, past_key_values=cache)
+>>> out = model.generate(**inputs, cache=cache)   # past_key_values=cache before transformers 5.24
 >>> cache.memory_report()["kept_bytes"]
 """
 

@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import KVCompressCache, _ACTIVE, active_layer
+from .cache import _ACTIVE, KVCompressCache, active_layer
 from .compressor import AXIS_ORDER, Compressor, make_compressor
 from .errors import KVCompressError, check_positive_int, check_ratio, unknown_choice
 
@@ -174,7 +174,7 @@ def compress(
     """Attach kvcompress to ``model`` and return a fresh compressed cache for one generation.
 
     >>> cache = kvcompress.compress(model, "streaming", ratio=0.1)
-    >>> model.generate(**inputs, past_key_values=cache)
+    >>> model.generate(**inputs, cache=cache)  # ``past_key_values=cache`` before transformers 5.24
 
     ``ratio`` is the fraction KEPT along each method's axis (kvpress's ``compression_ratio`` is the fraction removed).
     Extra keyword arguments are the parameters of a single method (``sink=4``); for a composition pass

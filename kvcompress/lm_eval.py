@@ -23,7 +23,7 @@ last one for a memory report):
 
 * **generate_until**: the whole prompt is prefilled into the compressed cache (compression happens at the end of
   that prefill, so it is query-aware: the question is part of the prompt) and decoding continues against it, as in
-  ``model.generate(..., past_key_values=cache)``, with ``max_new_tokens`` set to lm-eval's ``max_gen_toks`` (a
+  ``model.generate(..., cache=cache)``, with ``max_new_tokens`` set to lm-eval's ``max_gen_toks`` (a
   model's ``generation_config.max_new_tokens`` would otherwise override lm-eval's ``max_length``).
 * **loglikelihood** (``multiple_choice``, ``loglikelihood`` tasks): lm-eval would score context + continuation in
   one plain forward, where nothing gets compressed. Here each request is split: the **context** tokens are
@@ -51,6 +51,8 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from .compat import cache_arg
 
 try:
     from lm_eval.api.registry import model_registry
@@ -122,7 +124,7 @@ class KVCompressLM(HFLM):
                 stacklevel=2,
             )
             self._kvc_warned_batch = True
-        generation_kwargs["past_key_values"] = self.make_cache()
+        generation_kwargs.update(cache_arg(self.make_cache()))
         # lm-eval passes max_length (prompt + max_gen_toks); a model's generation_config.max_new_tokens would
         # override it, so state the new-token budget explicitly.
         generation_kwargs.setdefault("max_new_tokens", max(1, max_length - context.shape[1]))
@@ -161,10 +163,10 @@ class KVCompressLM(HFLM):
                 enabled=self.mixed_precision_dtype is not None,
             ),
         ):
-            first = self.model(inps[:, :split], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            first = self.model(inps[:, :split], **cache_arg(cache), use_cache=True, logits_to_keep=1).logits
             if split == length:
                 return first
-            rest = self.model(inps[:, split:], past_key_values=cache, use_cache=True).logits
+            rest = self.model(inps[:, split:], **cache_arg(cache), use_cache=True).logits
         return torch.cat([first, rest], dim=1)
 
 

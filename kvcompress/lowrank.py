@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .compat import cache_arg
 from .errors import KVCompressError
 
 DEFAULT_TOKENS = 1024
@@ -180,7 +181,7 @@ def calibrate(model: torch.nn.Module, tokenizer: Any = None, text: str | None = 
 
     ids = calibration_ids(model, tokenizer, text, tokens).to(next(model.parameters()).device)
     cache = kvcompress.compress(model, "full")
-    model(ids, past_key_values=cache)
+    model(ids, **cache_arg(cache))
     ks, vs, kes, ves = [], [], [], []
     for layer in cache.layers:
         k, e = _eigbasis(layer.keys[0, :, : layer.length])

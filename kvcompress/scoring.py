@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from .compat import cache_arg
 from .compressor import Axis, CompressionContext, Compressor, LayerView, kept_counts, topk_mask
 from .errors import KVCompressError, check_non_negative_int, unknown_choice
 
@@ -59,7 +60,7 @@ def append_uncompressed(model: torch.nn.Module, cache: Any, input_ids: torch.Ten
     Positions continue from the cache's logical length; pass ``attention_mask``/``position_ids`` for left-padded
     batches as for any continuation. Returns the model output (its last logits start the answer)."""
     with cache.paused():
-        return model(input_ids, past_key_values=cache, use_cache=True, **kwargs)
+        return model(input_ids, **cache_arg(cache), use_cache=True, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

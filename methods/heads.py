@@ -33,7 +33,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.compressor import Axis, CompressionContext, Compressor, LayerView, counter_hash, register, sink_and_recent_mask
+from kvcompress.compressor import (
+    Axis,
+    CompressionContext,
+    Compressor,
+    LayerView,
+    counter_hash,
+    register,
+    sink_and_recent_mask,
+)
 from kvcompress.errors import KVCompressError, check_non_negative_int
 
 #: prompt queries used by the per-prompt fallback score

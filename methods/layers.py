@@ -37,7 +37,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.compressor import Axis, CompressionContext, Compressor, LayerView, counter_hash, register, sink_and_recent_mask
+from kvcompress.compressor import (
+    Axis,
+    CompressionContext,
+    Compressor,
+    LayerView,
+    counter_hash,
+    register,
+    sink_and_recent_mask,
+)
 from kvcompress.errors import check_non_negative_int, check_positive_int, unknown_choice
 
 SCORES = ("lazy", "cosine", "first", "last", "every_k", "random")

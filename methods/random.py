@@ -13,7 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.compressor import Axis, CompressionContext, Compressor, LayerView, counter_hash, kept_counts, register, topk_mask
+from kvcompress.compressor import (
+    Axis,
+    CompressionContext,
+    Compressor,
+    LayerView,
+    counter_hash,
+    kept_counts,
+    register,
+    topk_mask,
+)
 
 
 @register

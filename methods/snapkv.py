@@ -39,7 +39,14 @@ import torch
 
 from kvcompress.compressor import CompressionContext, LayerView, register
 from kvcompress.errors import KVCompressError, check_positive_int, unknown_choice
-from kvcompress.scoring import POOLINGS, ScoredTokenCompressor, attention_mass, group_reduce, pool_scores, query_validity
+from kvcompress.scoring import (
+    POOLINGS,
+    ScoredTokenCompressor,
+    attention_mass,
+    group_reduce,
+    pool_scores,
+    query_validity,
+)
 
 
 @register

@@ -25,7 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.compressor import Axis, CompressionContext, Compressor, LayerView, kept_counts, register, sink_and_recent_mask
+from kvcompress.compressor import (
+    Axis,
+    CompressionContext,
+    Compressor,
+    LayerView,
+    kept_counts,
+    register,
+    sink_and_recent_mask,
+)
 from kvcompress.errors import KVCompressError, check_non_negative_int, unknown_choice
 
 

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
+from kvcompress.compat import cache_arg
+
 
 @torch.no_grad()
 def masked_reference_logits(
@@ -24,7 +26,7 @@ def masked_reference_logits(
     """
     s = prompt.shape[-1]
     cache = DynamicCache()
-    out = model(prompt.view(1, -1), past_key_values=cache)
+    out = model(prompt.view(1, -1), **cache_arg(cache))
     logits = [out.logits[0, -1]]
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
     for t, tok in enumerate(new_tokens[:-1]):
@@ -38,7 +40,7 @@ def masked_reference_logits(
         mask = allowed.repeat_interleave(groups, 0).view(1, -1, 1, length)
         out = model(
             torch.tensor([[tok]]),
-            past_key_values=cache,
+            **cache_arg(cache),
             attention_mask=mask,
             position_ids=torch.tensor([[s + t]]),
         )

@@ -8,7 +8,7 @@ from tiny_models import ARCHITECTURES, left_pad, prompts, tiny_model
 from transformers import DynamicCache
 
 import kvcompress
-
+from kvcompress.compat import cache_arg
 from kvcompress.compressor import Axis, get_method
 
 # Selection methods (layer / head / token axes) at ratio=1 keep everything: they must be bit-identical.
@@ -27,7 +27,7 @@ def _generate(model, ids, mask, cache):
             attention_mask=mask,
             max_new_tokens=6,
             do_sample=False,
-            past_key_values=cache,
+            **cache_arg(cache),
             output_logits=True,
             return_dict_in_generate=True,
         )

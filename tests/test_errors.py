@@ -8,6 +8,7 @@ from tiny_models import prompts, tiny_model
 
 import kvcompress
 from kvcompress import KVCompressError
+from kvcompress.compat import cache_arg
 from kvcompress.run import preflight
 
 
@@ -57,7 +58,7 @@ def test_window_larger_than_context() -> None:
     model = tiny_model("llama")
     cache = kvcompress.compress(model, "streaming", window=500)
     with pytest.raises(KVCompressError) as err, torch.no_grad():
-        model(prompts((40,))[0].view(1, -1), past_key_values=cache)
+        model(prompts((40,))[0].view(1, -1), **cache_arg(cache))
     assert "window=500" in _one_line(err) and "40 tokens" in str(err.value)
 
 

@@ -12,6 +12,7 @@ from tiny_models import left_pad, prompts, tiny_model
 from transformers import DynamicCache
 
 import kvcompress
+from kvcompress.compat import cache_arg
 from kvcompress.compressor import Axis, Compressor, HiddenCompressor, sink_and_recent_mask
 
 
@@ -49,7 +50,7 @@ class HalfPrecision(HiddenCompressor):
 def _generate(model, ids, cache, steps=8, mask=None):
     with torch.no_grad():
         return model.generate(
-            ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, past_key_values=cache,
+            ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, **cache_arg(cache),
             output_logits=True, return_dict_in_generate=True,
         )
 
@@ -76,7 +77,7 @@ def test_codec_bytes_are_what_it_holds_and_compose_with_token_selection() -> Non
     ids = prompts((64,))[0].view(1, -1)
     cache = kvcompress.compress(model, ["streaming", HalfPrecision()], ratio=0.5, params={"streaming": {"sink": 4}})
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_arg(cache))
     # streaming keeps 32 tokens; 24 of them are encoded in fp16 (whole chunks of 4 beyond the 8-token residual).
     per_token = cfg.num_key_value_heads * cfg.head_dim * 2
     index_bytes = 2 * 8 * cfg.num_key_value_heads  # rows + heads (int64) of the encoded segment
@@ -122,7 +123,7 @@ def test_cross_layer_selection_waits_for_every_layer_and_matches_a_masked_refere
     model = tiny_model("llama")
     prompt = prompts((40,))[0]
     cache = kvcompress.compress(model, [KeepBestLayers()], trace=True)
-    out = _generate(model, prompt.view(1, -1), cache, steps=5)
+    _generate(model, prompt.view(1, -1), cache, steps=5)
     kept = [cache.kept_positions(layer)[0] for layer in range(model.config.num_hidden_layers)]
     full_layer = [i for i, k in enumerate(kept) if len([p for p in k if p < 40]) == 40]
     assert len(full_layer) == 1
@@ -138,8 +139,8 @@ def test_attention_observers_see_decode_probabilities() -> None:
     cache = kvcompress.compress(model, "full")
     cache.observers.append(lambda layer, probs, view: seen.append((layer, probs.clone())))
     with torch.no_grad():
-        model(prompt, past_key_values=cache)
-        model(torch.tensor([[7]]), past_key_values=cache)
+        model(prompt, **cache_arg(cache))
+        model(torch.tensor([[7]]), **cache_arg(cache))
     assert [layer for layer, _ in seen] == [0, 1]
     probs = seen[1][1]
     assert probs.shape == (1, model.config.num_attention_heads, 31)
@@ -149,8 +150,8 @@ def test_attention_observers_see_decode_probabilities() -> None:
     try:
         with torch.no_grad():
             ref_cache = DynamicCache()
-            model(prompt, past_key_values=ref_cache)
-            out = model(torch.tensor([[7]]), past_key_values=ref_cache, output_attentions=True)
+            model(prompt, **cache_arg(ref_cache))
+            out = model(torch.tensor([[7]]), **cache_arg(ref_cache), output_attentions=True)
     finally:
         kvcompress.attach(model)
     torch.testing.assert_close(probs, out.attentions[1][:, :, 0], atol=1e-6, rtol=1e-5)
@@ -175,7 +176,7 @@ def test_compressors_see_the_attention_block_input_and_output() -> None:
     comp = RecordInputs()
     cache = kvcompress.compress(model, [comp])
     with torch.no_grad():
-        model(prompts((12,))[0].view(1, -1), past_key_values=cache)
+        model(prompts((12,))[0].view(1, -1), **cache_arg(cache))
     assert cache.shared["test_record_inputs"] == {
         i: ((1, 12, cfg.hidden_size), (1, 12, cfg.num_attention_heads, cfg.head_dim)) for i in range(cfg.num_hidden_layers)
     }

@@ -12,9 +12,10 @@ from reference import masked_reference_logits
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import kvcompress
+from kvcompress.compat import cache_arg
 from kvcompress.errors import KVCompressError
-from kvcompress.heads import artifact_path, config_hash, ensure_scores, find_scores, kv_order, save_scores
 from kvcompress.heads import __main__ as heads_cli
+from kvcompress.heads import artifact_path, config_hash, ensure_scores, find_scores, kv_order, save_scores
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +68,9 @@ def test_heads_keeps_needle_and_random_control_uses_same_budget(cache_root, test
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         c_heads = kvcompress.compress(model, "heads", ratio=0.02)
-        assert score_exact_match(answer(model, tok, sample, past_key_values=c_heads), sample.answer) == 1.0
+        assert score_exact_match(answer(model, tok, sample, c_heads), sample.answer) == 1.0
         c_rand = kvcompress.compress(model, "heads_random", ratio=0.02, seed=0)
-        answer(model, tok, sample, past_key_values=c_rand)
+        answer(model, tok, sample, c_rand)
     assert c_heads.kept_tokens()[1][0] >= sample.num_tokens  # the retrieval KV head is held in full
     assert c_heads.kept_bytes() == c_rand.kept_bytes()  # same number of full heads, one each
 
@@ -110,7 +111,7 @@ def test_heads_bytes_are_analytic_and_logits_match_masked_reference(cache_root) 
         warnings.simplefilter("error")  # ratio 0.25 of 8 KV heads is exactly 2: no rounding message
         cache = kvcompress.compress(model, "heads", ratio=0.25, sink=sink, recent=recent)
         with torch.no_grad():
-            out = model(prompt, past_key_values=cache)
+            out = model(prompt, **cache_arg(cache))
     # full heads x context + window heads x window, keys and values, fp32, + the ragged segments' (row, head) index
     analytic = 2 * ((1 * s + 3 * (sink + recent)) * head_dim * 2 * 4 + 4 * 2 * 8)
     assert cache.kept_bytes() == analytic
@@ -119,7 +120,7 @@ def test_heads_bytes_are_analytic_and_logits_match_masked_reference(cache_root) 
     with torch.no_grad():
         for _ in range(6):
             tokens.append(int(logits[-1].argmax()))
-            logits.append(model(torch.tensor([[tokens[-1]]]), past_key_values=cache).logits[0, -1])
+            logits.append(model(torch.tensor([[tokens[-1]]]), **cache_arg(cache)).logits[0, -1])
     window = list(range(sink)) + list(range(s - recent, s))
     kept = [[list(range(s)), window, window, window]] * 2
     ref = masked_reference_logits(model, prompt[0], tokens, kept)
@@ -134,7 +135,7 @@ def test_heads_random_same_budget_and_seeded(cache_root) -> None:
     def run(**kw):
         cache = kvcompress.compress(model, "heads_random", ratio=0.25, **kw)
         with torch.no_grad():
-            model(prompt, past_key_values=cache)
+            model(prompt, **cache_arg(cache))
         return cache.kept_tokens(), cache.kept_bytes()
 
     a, b, c = run(seed=0), run(seed=0), run(seed=11)
@@ -153,7 +154,7 @@ def test_adaptive_heads_distributes_layer_budget_with_floor(cache_root) -> None:
     prompt = torch.randint(3, 128, (1, 100), generator=torch.Generator().manual_seed(7))
     cache = kvcompress.compress(model, "adaptive_heads", ratio=0.2)
     with torch.no_grad():
-        model(prompt, past_key_values=cache)
+        model(prompt, **cache_arg(cache))
     kept = cache.kept_tokens()
     assert sum(kept[0]) == sum(kept[1]) == 4 * 20  # the layer total is the uniform budget
     assert kept[0][1] == max(kept[0]) and min(kept[0]) >= 4  # best head gets most, floor 0.2 * 20
@@ -169,7 +170,7 @@ def test_no_artifact_falls_back_to_prompt_scoring_with_a_warning(cache_root) -> 
     cache = kvcompress.compress(model, "heads", ratio=0.5)
     with pytest.warns(UserWarning, match="scoring heads per prompt"):
         with torch.no_grad():
-            model(torch.randint(3, 128, (1, 70)), past_key_values=cache)
+            model(torch.randint(3, 128, (1, 70)), **cache_arg(cache))
     assert sorted(cache.kept_tokens()[0]) == [36.0, 70.0]
     assert ensure_scores(model, None, verbose=False) is None
 
@@ -187,12 +188,12 @@ def test_bad_inputs_are_one_line_errors(cache_root, tmp_path) -> None:
     cache = kvcompress.compress(model, "heads", ratio=0.25, scores=str(path))
     with pytest.raises(KVCompressError, match="another model") as err:
         with torch.no_grad():
-            model(torch.randint(3, 128, (1, 50)), past_key_values=cache)
+            model(torch.randint(3, 128, (1, 50)), **cache_arg(cache))
     assert "\n" not in str(err.value)
     with pytest.raises(KVCompressError, match="does not exist"):
         cache = kvcompress.compress(model, "heads", ratio=0.25, scores=str(tmp_path / "missing.json"))
         with torch.no_grad():
-            model(torch.randint(3, 128, (1, 50)), past_key_values=cache)
+            model(torch.randint(3, 128, (1, 50)), **cache_arg(cache))
     with pytest.raises(KVCompressError, match="floor"):
         kvcompress.compress(model, "adaptive_heads", ratio=0.5, floor=2.0)
     assert heads_cli.main(["frobnicate"]) == 2

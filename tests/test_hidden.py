@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import kvcompress
 import kvcompress.lowrank as lr
+from kvcompress.compat import cache_arg
 from kvcompress.errors import KVCompressError
 from kvcompress.quantize import dequantize_groups_, pack, quantize_groups, unpack
 
@@ -35,7 +36,7 @@ def _model64() -> torch.nn.Module:
 
 def _generate(model, ids, cache, steps=6, mask=None):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, past_key_values=cache,
+        return model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, **cache_arg(cache),
                               output_logits=True, return_dict_in_generate=True)
 
 
@@ -72,7 +73,7 @@ def test_quant_kept_bytes_match_the_analytic_formula() -> None:
     ids = prompts((n_prompt,))[0].view(1, -1)
     cache = kvcompress.compress(model, "quant", bits=4, group=32, residual=128)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_arg(cache))
     d, pairs, elem, G = cfg.head_dim, cfg.num_key_value_heads, 4, 32
     encoded = (n_prompt - 128) // G * G  # whole groups outside the residual window
     residual = n_prompt - encoded
@@ -118,14 +119,14 @@ def test_quant_composes_with_token_and_head_methods() -> None:
     params = {"quant": {"residual": 32}}
     with torch.no_grad():
         snap = kvcompress.compress(model, "snapkv", ratio=0.5)
-        model(ids, past_key_values=snap)
+        model(ids, **cache_arg(snap))
         both = kvcompress.compress(model, ["snapkv", "quant"], ratio=0.5, params=params)
-        model(ids, past_key_values=both)
+        model(ids, **cache_arg(both))
     assert both.kept_tokens() == snap.kept_tokens()  # quantizes exactly the kept tokens
     assert both.kept_bytes() < 0.6 * snap.kept_bytes()
     with torch.no_grad():  # heads: one KV head per layer keeps everything, the other sink + recent (ragged)
         heads = kvcompress.compress(model, ["heads", "quant"], ratio=0.5, params={"quant": {"residual": 0}})
-        model(ids, past_key_values=heads)
+        model(ids, **cache_arg(heads))
     for layer in heads.layers:
         encoded = sorted(s.count for s in layer.segments if s.codec is not None)
         assert len(encoded) == 2 and encoded[0] < encoded[1]  # both head groups, each encoded (whole groups of 32)
@@ -156,7 +157,7 @@ def test_lowrank_stores_r_dim_coefficients_and_error_falls_with_rank() -> None:
     for rank in (4, 8, 16, 32, 64):
         cache = kvcompress.compress(model, "lowrank", rank=rank, residual=0)
         with torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, **cache_arg(cache))
         codec = cache.layers[0].segments[0].codec
         assert codec.k_coef.shape[-1] == rank and codec.v_coef.shape[-1] == rank
         errors.append(cache.shared["lowrank"]["recon_error"])
@@ -223,7 +224,7 @@ def test_lowrank_rank_above_head_dim_is_an_error() -> None:
     model = tiny_model("llama")
     cache = kvcompress.compress(model, "lowrank", rank=17, residual=0)
     with pytest.raises(KVCompressError, match="rank=17 exceeds head_dim=16"), torch.no_grad():
-        model(prompts((40,))[0].view(1, -1), past_key_values=cache)
+        model(prompts((40,))[0].view(1, -1), **cache_arg(cache))
 
 
 def test_lowrank_error_falls_with_rank_on_the_testbed() -> None:
@@ -241,7 +242,7 @@ def test_lowrank_error_falls_with_rank_on_the_testbed() -> None:
     for ratio in (0.125, 0.25, 0.5, 0.75, 1.0):
         cache = kvcompress.compress(model, "lowrank", ratio=ratio, residual=0)
         with torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, **cache_arg(cache))
         errors.append(cache.shared["lowrank"]["recon_error"])
     for layer in range(model.config.num_hidden_layers):
         for part in ("k", "v"):

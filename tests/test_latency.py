@@ -7,8 +7,17 @@ import math
 
 import pytest
 
-from kvcompress.latency import (CompressionProfile, Workload, estimate, kv_replication, load_efficiency,
-                                load_hardware, load_model_profile, project, truncate)
+from kvcompress.latency import (
+    CompressionProfile,
+    Workload,
+    estimate,
+    kv_replication,
+    load_efficiency,
+    load_hardware,
+    load_model_profile,
+    project,
+    truncate,
+)
 
 YI = "yi-34b-200k"
 

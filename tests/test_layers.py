@@ -14,6 +14,7 @@ from tiny_models import _COMMON, ARCHITECTURES, left_pad, prompts, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import kvcompress
+from kvcompress.compat import cache_arg
 from kvcompress.compressor import available_methods
 from kvcompress.errors import KVCompressError
 from kvcompress.methods.layer_budget import schedule_ratios
@@ -35,14 +36,14 @@ def four_layer_model() -> torch.nn.Module:
 def _generate(model, ids, cache, mask=None, steps=5):
     with torch.no_grad():
         return model.generate(
-            ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, past_key_values=cache,
+            ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, **cache_arg(cache),
             output_logits=True, return_dict_in_generate=True,
         )
 
 
 def _prefill(model, ids, cache, mask=None):
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **cache_arg(cache))
     return cache
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from kvcompress.compat import cache_arg
+
 pytest.importorskip("lm_eval")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,8 +140,8 @@ def test_continuation_logits_equal_teacher_forced_decoding(kvlm, testbed_dir):
     assert logits.shape == (1, 20, lm.model.config.vocab_size)
     cache = kvcompress.compress(lm.model, "snapkv", ratio=0.3)
     with torch.no_grad():
-        steps = [lm.model(inps[:, :100], past_key_values=cache).logits[:, -1:]]
+        steps = [lm.model(inps[:, :100], **cache_arg(cache)).logits[:, -1:]]
         with cache.paused():
-            steps += [lm.model(inps[:, i : i + 1], past_key_values=cache).logits for i in range(100, 119)]
+            steps += [lm.model(inps[:, i : i + 1], **cache_arg(cache)).logits for i in range(100, 119)]
     assert torch.allclose(logits, torch.cat(steps, 1), atol=1e-3)
     assert lm.last_cache.memory_report()["kept_fraction"] < 0.5

@@ -11,6 +11,7 @@ import torch
 from tiny_models import left_pad, prompts, tiny_model
 
 import kvcompress
+from kvcompress.compat import cache_arg
 from kvcompress.compressor import Axis, get_method
 
 METHODS = kvcompress.available_methods()
@@ -25,7 +26,7 @@ def _run(model, rows, method):
     ids, mask = left_pad(rows)
     cache = kvcompress.compress(model, method, ratio=_ratio_for(method), trace=True)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=cache)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **cache_arg(cache))
     width = ids.shape[1]
     tokens = [out[i, width:].tolist() for i in range(len(rows))]
     kept = [

@@ -7,16 +7,17 @@ from tiny_models import prompts, tiny_model
 from transformers import DynamicCache
 
 import kvcompress
+from kvcompress.compat import cache_arg
 
 
 @torch.no_grad()
 def _manual_greedy(model, prompt, cache, steps=6):
-    out = model(prompt.view(1, -1), past_key_values=cache)
+    out = model(prompt.view(1, -1), **cache_arg(cache))
     tokens, logits = [], [out.logits[0, -1]]
     for _ in range(steps - 1):
         tok = int(logits[-1].argmax())
         tokens.append(tok)
-        out = model(torch.tensor([[tok]]), past_key_values=cache)  # no position_ids: arange + get_seq_length()
+        out = model(torch.tensor([[tok]]), **cache_arg(cache))  # no position_ids: arange + get_seq_length()
         logits.append(out.logits[0, -1])
     return tokens, logits
 
@@ -42,7 +43,7 @@ def test_manual_loop_compressed_matches_generate() -> None:
             prompt.view(1, -1),
             max_new_tokens=6,
             do_sample=False,
-            past_key_values=kvcompress.compress(model, "streaming", ratio=0.3),
+            **cache_arg(kvcompress.compress(model, "streaming", ratio=0.3)),
             output_logits=True,
             return_dict_in_generate=True,
         )

@@ -8,6 +8,7 @@ from reference import masked_reference_logits
 from tiny_models import ARCHITECTURES, prompts, tiny_model
 
 import kvcompress
+from kvcompress.compat import cache_arg
 
 
 def _greedy(model, prompt, cache, steps=8):
@@ -16,7 +17,7 @@ def _greedy(model, prompt, cache, steps=8):
             prompt.view(1, -1),
             max_new_tokens=steps,
             do_sample=False,
-            past_key_values=cache,
+            **cache_arg(cache),
             output_logits=True,
             return_dict_in_generate=True,
         )

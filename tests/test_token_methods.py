@@ -20,9 +20,10 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotary
 
 import kvcompress
 from kvcompress import KVCompressError
+from kvcompress.compat import cache_arg
 from kvcompress.compressor import CompressionContext, LayerView, make_compressor
-from kvcompress.scoring import attention_mass
 from kvcompress.methods.pyramidkv import pyramid_budget
+from kvcompress.scoring import attention_mass
 
 HQ, H, D = 4, 2, 8
 G = HQ // H
@@ -340,7 +341,7 @@ def test_errors_are_one_line_and_name_the_choices() -> None:
 def _generate(model, rows, cache, steps=6):
     ids, mask = left_pad(rows)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, past_key_values=cache)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, **cache_arg(cache))
     return [out[i, ids.shape[1]:].tolist() for i in range(len(rows))]
 
 
@@ -388,7 +389,7 @@ def test_question_agnostic_helper_appends_uncompressed() -> None:
     context, question = prompts((40, 6))
     cache = kvcompress.compress(model, "snapkv", ratio=0.25, window=8)
     with torch.no_grad():
-        model(context.view(1, -1), past_key_values=cache)
+        model(context.view(1, -1), **cache_arg(cache))
     append_uncompressed(model, cache, question.view(1, -1))
     assert cache.layers[0].kept_tokens()[0].tolist() == [10.0 + 6, 10.0 + 6]
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from kvcompress.compat import cache_arg
 from kvcompress.eval.needle import make_needle_samples, score_exact_match
 from kvcompress.zoo import testbed
 
@@ -122,11 +123,11 @@ def _ablate(cache: DynamicCache, layer: int, kv_head: int) -> None:
 def _answer_with_ablation(model, tok, sample, layer, kv_head) -> str:
     ids = tok(sample.prompt, return_tensors="pt")["input_ids"]
     cache = DynamicCache(config=model.config)
-    model(ids[:, :-1], past_key_values=cache, use_cache=True)  # prefill all but the last prompt token
+    model(ids[:, :-1], **cache_arg(cache), use_cache=True)  # prefill all but the last prompt token
     if layer is not None:
         _ablate(cache, layer, kv_head)
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=sample.max_new_tokens,
+        ids, attention_mask=torch.ones_like(ids), **cache_arg(cache), max_new_tokens=sample.max_new_tokens,
         do_sample=False, pad_token_id=tok.pad_token_id,
     )
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from . import bandwidth, decode, memory, prefill, report, throughput  # noqa: E402
-from .common import BenchModel, load_avg, load_bench_model, machine, prepare, resolve_methods, axis_of  # noqa: E402
+from .common import BenchModel, axis_of, load_avg, load_bench_model, machine, prepare, resolve_methods  # noqa: E402
 
 
 def load_config(name: str, overrides: list[str]) -> Any:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..compat import cache_arg
 from .common import BenchModel, axis_of, cache_bytes, load_avg, make_cache, prompt_ids, quiet, summary
 
 
@@ -36,7 +37,7 @@ def parse_variant(v: str) -> tuple[str, float | None]:
 def _steps(model, cache, token, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
-        model(token, past_key_values=cache)
+        model(token, **cache_arg(cache))
     return (time.perf_counter() - start) / steps
 
 
@@ -61,8 +62,8 @@ def run(bm: BenchModel, cfg: Any, variants_by_context: dict[int, list[str]], log
             method, ratio = parse_variant(v)
             cache = make_cache(bm.model, method, ratio)
             with quiet(), torch.no_grad():
-                bm.model(ids, past_key_values=cache, logits_to_keep=1)
-                bm.model(token, past_key_values=cache)  # warm-up step
+                bm.model(ids, **cache_arg(cache), logits_to_keep=1)
+                bm.model(token, **cache_arg(cache))  # warm-up step
             caches[v] = cache
         prefill_wall = time.perf_counter() - t0
         times: dict[str, list[float]] = {v: [] for v in variants}

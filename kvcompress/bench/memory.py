@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_arg
 from .common import load_avg, storage_bytes
 
 
@@ -59,8 +60,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     # warm-up (first-call allocations would otherwise be charged to the first method)
     with quiet():
         warm = make_cache(bm.model, "full", None)
-        bm.model(ids[:, :256], past_key_values=warm, logits_to_keep=1)
-        bm.model(token, past_key_values=warm)
+        bm.model(ids[:, :256], **cache_arg(warm), logits_to_keep=1)
+        bm.model(token, **cache_arg(warm))
     del warm
     rows = {}
     for m in methods:
@@ -69,9 +70,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         resettable = _reset_peak()
         cache = make_cache(bm.model, m, float(spec["ratio"]))
         with quiet():
-            bm.model(ids, past_key_values=cache, logits_to_keep=1)
+            bm.model(ids, **cache_arg(cache), logits_to_keep=1)
             for _ in range(int(spec["steps"])):
-                bm.model(token, past_key_values=cache)
+                bm.model(token, **cache_arg(cache))
         gc.collect()
         peak = _status("VmHWM")
         after = _status("VmRSS")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_arg
 from .common import BenchModel, axis_of, load_avg, make_cache, prompt_ids, quiet, summary
 
 
@@ -35,7 +36,7 @@ def one_prefill(bm: BenchModel, method: str, ratio: float, ids: torch.Tensor) ->
         cache._prefill = timed
     with quiet():
         start = time.perf_counter()
-        bm.model(ids, past_key_values=cache, logits_to_keep=1)
+        bm.model(ids, **cache_arg(cache), logits_to_keep=1)
         seconds = time.perf_counter() - start
     out = {"seconds": seconds, "hook": hook[0]}
     if hasattr(cache, "kept_bytes"):

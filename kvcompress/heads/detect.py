@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_arg
 from . import FORMAT, FORMAT_VERSION, _text_config, config_hash
 
 DEFAULT_LENGTHS = (512, 1024)
@@ -40,13 +41,13 @@ def _probe(model, input_ids: torch.Tensor, new_tokens: int, span: tuple[int, int
 
     device = next(model.parameters()).device
     ids = input_ids.view(1, -1).to(device)
-    model(ids[:, :-1], past_key_values=cache, use_cache=True)
+    model(ids[:, :-1], **cache_arg(cache), use_cache=True)
     cache.observers.append(observer)
     token = ids[:, -1:]
     generated: list[int] = []
     tops, masses = [], []
     for _ in range(new_tokens):
-        out = model(token, past_key_values=cache, use_cache=True)
+        out = model(token, **cache_arg(cache), use_cache=True)
         nxt = int(out.logits[0, -1].argmax())
         generated.append(nxt)
         tops.append(step_top.clone())

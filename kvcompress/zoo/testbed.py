@@ -64,6 +64,8 @@ from pathlib import Path
 
 import torch
 
+from ..compat import cache_arg
+
 VERSION = "1"
 METADATA_FILE = "kvcompress_testbed.json"
 
@@ -359,10 +361,10 @@ def load(path: str | Path | None = None, *, attn_implementation: str = "sdpa"):
 
 
 @torch.no_grad()
-def answer(model, tokenizer, sample, past_key_values=None) -> str:
+def answer(model, tokenizer, sample, cache=None) -> str:
     """Greedy continuation of a :class:`~kvcompress.eval.needle.NeedleSample` through ``model.generate``."""
     enc = tokenizer(sample.prompt, return_tensors="pt")
-    kwargs = {} if past_key_values is None else {"past_key_values": past_key_values}
+    kwargs = {} if cache is None else cache_arg(cache)
     out = model.generate(
         **enc, max_new_tokens=sample.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kwargs
     )
