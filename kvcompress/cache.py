@@ -4,8 +4,9 @@ Layout of one :class:`KVCompressLayer`:
 
 * ``keys`` / ``values`` — a dense append buffer ``(batch, kv_heads, capacity, head_dim)``, of which the first
   ``length`` slots are used. Decoding appends into spare capacity (no per-step copy of the layer, unlike the stock
-  ``DynamicLayer``'s ``torch.cat``); when it is full it grows by ``length/128 + 16`` slots, so the reserved-but-unused
-  part stays under 1% of a long cache. Right after a compression the buffer is allocated to the exact size.
+  ``DynamicLayer``'s ``torch.cat``); when it is full it grows by 1/128 of the layer's held bytes (at least one slot),
+  so the reserved-but-unused part stays under 1% of what the layer holds. Right after a compression the buffer is
+  allocated to the exact size.
 * ``segments`` — ragged storage for when rows or KV heads keep different numbers of tokens: each
   :class:`Segment` holds the (row, head) pairs that keep the same count ``c``, as ``(pairs, c, head_dim)`` tensors.
   Nothing is padded, so the bytes held are the bytes kept.
@@ -172,18 +173,28 @@ class KVCompressLayer(CacheLayerMixin):
         need = self.length + n
         if need > self.keys.shape[-2]:
             # Exact size for a first fill (prefill), headroom once we are appending (decode).
-            capacity = need if self.length == 0 else need + need // 128 + 16
-            self.keys = self._grown(self.keys, capacity)
-            self.values = self._grown(self.values, capacity)
+            self._rebuffer(0, need if self.length == 0 else need + self._headroom())
         self.keys[:, :, self.length : need] = k
         self.values[:, :, self.length : need] = v
         self.length = need
 
-    def _grown(self, buf: torch.Tensor, capacity: int) -> torch.Tensor:
-        b, h, _, d = buf.shape
-        new = buf.new_empty((b, h, capacity, d))
-        new[:, :, : self.length] = buf[:, :, : self.length]
-        return new
+    def _headroom(self) -> int:
+        """Spare buffer slots to reserve when growing: under 1% of what the layer holds (at least one slot), so
+        resident bytes stay within 1% of kept bytes while a regrow (a copy of the buffer) happens once every
+        ~1/128 of the layer's size in appended tokens."""
+        b, h = self.keys.shape[:2]
+        slot = b * h * (self.keys.shape[-1] + self.values.shape[-1]) * self.keys.element_size()
+        return max(1, self.kept_bytes() // 128 // slot)
+
+    def _rebuffer(self, start: int, capacity: int) -> None:
+        """Move the used slots ``[start, length)`` to the front of fresh buffers of ``capacity`` slots."""
+        rest = self.length - start
+        for name in ("keys", "values"):
+            buf = getattr(self, name)
+            new = buf.new_empty((*buf.shape[:2], capacity, buf.shape[-1]))
+            new[:, :, :rest] = buf[:, :, start : self.length]
+            setattr(self, name, new)
+        self.length = rest
 
     def _append_positions(self, start: int, n: int) -> None:
         b, h = self.keys.shape[:2]
@@ -351,7 +362,7 @@ class KVCompressLayer(CacheLayerMixin):
                 segments.append(Segment(rows, heads, k[:, n:].contiguous(), v[:, n:].contiguous(),
                                         pos[:, n:] if pos is not None else None))
         self.segments = segments
-        self.length = 0  # the buffer's entries now live in the segments; its capacity is kept for decoding
+        self._rebuffer(self.length, 0)  # the buffer's entries now live in the segments: release it
         if self.positions is not None:
             self.positions = self.positions[:, :, :0]
         self.pristine = False
@@ -371,16 +382,13 @@ class KVCompressLayer(CacheLayerMixin):
         rows, heads = torch.arange(b).repeat_interleave(h), torch.arange(h).repeat(b)
         codec = comp.encode(keys, values, ctx, rows, heads, pos)
         self.segments.append(Segment(rows, heads, None, None, pos, codec=codec, count=n))
-        rest = self.length - n
-        if ctx.phase == "prefill":  # release the prefill-sized buffer, keep the residual at its exact size
-            self.keys = self.keys[:, :, n : self.length].clone()
-            self.values = self.values[:, :, n : self.length].clone()
-        else:  # decode: shift the residual to the front, keeping the capacity
-            self.keys[:, :, :rest] = self.keys[:, :, n : self.length].clone()
-            self.values[:, :, :rest] = self.values[:, :, n : self.length].clone()
         if self.positions is not None:
             self.positions = self.positions[:, :, n : self.length].clone()
-        self.length = rest
+        # The buffer now holds only the residual window: move it into a fresh buffer (exact size after prefill, the
+        # usual ≤1% headroom while decoding), so the prefill-sized or pre-flush capacity is released.
+        self._rebuffer(n, self.length - n)
+        if ctx.phase != "prefill":
+            self._rebuffer(0, self.length + self._headroom())
         self.pristine = False
         return True
 
@@ -399,9 +407,20 @@ class KVCompressLayer(CacheLayerMixin):
         if q_len > 1:
             causal = torch.ones(q_len, self.length, dtype=torch.bool, device=query.device).tril(self.length - q_len)
         if not self.segments:
+            if q_len == 1:  # one query: two matmuls read K and V faster than the CPU sdpa kernel does
+                return _decode_attention(query, keys, values, scaling)
             mask = causal[None, None] if causal is not None else None
             return sdpa_attention_forward(module, query, keys, values, mask, scaling=scaling, is_causal=False)[0]
         return _merged_attention(query, self.segments, keys, values, causal, scaling)
+
+
+def _decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Single-query attention ``softmax(q·Kᵀ·s)·V`` with GQA by grouping the query heads of each KV head."""
+    b, hq, _, d = query.shape
+    h = keys.shape[1]
+    q = query.reshape(b, h, hq // h, d)  # query head h*g + j serves KV head h (as repeat_kv)
+    probs = torch.softmax((q @ keys.transpose(-1, -2)).float() * scaling, dim=-1).to(values.dtype)
+    return (probs @ values).reshape(b, hq, 1, -1).transpose(1, 2)
 
 
 def _merged_attention(
@@ -449,7 +468,8 @@ def _merged_attention(
 
 class KVCompressCache(Cache):
     """A ``Cache`` whose layers hold only what the compression pipeline kept. Create it with
-    :func:`kvcompress.compress`, then pass it as ``past_key_values`` to ``generate`` or to a forward loop."""
+    :func:`kvcompress.compress`, then pass it as ``cache`` (``past_key_values`` before transformers 5.24) to
+    ``generate`` or to a forward loop."""
 
     def __init__(self, config: Any, compressors: list[Compressor], *, trace: bool = False):
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
