@@ -18,7 +18,6 @@ import time
 import warnings
 from pathlib import Path
 
-from kvcompress.compat import cache_arg
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -37,7 +36,7 @@ def accuracy(model, tok, samples, method: str, **params) -> tuple[float, float]:
     hits, fractions = [], []
     for s in samples:
         cache = kvcompress.compress(model, method, **params)
-        hits.append(score_exact_match(answer(model, tok, s, **cache_arg(cache)), s.answer))
+        hits.append(score_exact_match(answer(model, tok, s, cache), s.answer))
         fractions.append(cache.memory_report()["kept_fraction"])
     return sum(hits) / len(hits), sum(fractions) / len(fractions)
 

@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from kvcompress.compat import cache_arg
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -39,7 +38,7 @@ def evaluate(model, tok, samples, method: str, **params) -> dict:
     hits, fractions, kept = [], [], Counter()
     for s in samples:
         cache = kvcompress.compress(model, method, **params)
-        hits.append(score_exact_match(answer(model, tok, s, **cache_arg(cache)), s.answer))
+        hits.append(score_exact_match(answer(model, tok, s, cache), s.answer))
         fractions.append(cache.memory_report()["kept_fraction"])
         shared = cache.shared.get(method, {})
         if "kept_layers" in shared:

@@ -35,7 +35,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .compressor import Axis, Codec, CompressionContext, Compressor, HiddenCompressor, LayerView
+from .compressor import Axis, Codec, CompressionContext, Compressor, HiddenCompressor, LayerView, Workspace
 from .errors import KVCompressError
 
 _ACTIVE = threading.local()  # the layer whose `update` ran last: the attention call that follows belongs to it
@@ -65,11 +65,33 @@ class Segment:
         if self.keys is not None:
             self.count = self.keys.shape[1]
 
-    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-precision keys and values (decoded on the fly if encoded)."""
+    def kv(self, workspace: Workspace | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-precision keys and values (decoded on the fly if encoded, into ``workspace`` if given), in ``dtype``
+        (default: as stored)."""
         if self.codec is not None:
-            return self.codec.decode()
-        return self.keys, self.values
+            return self.codec.decode(workspace, dtype)
+        if dtype is None:
+            return self.keys, self.values
+        return self.keys.to(dtype), self.values.to(dtype)
+
+    def joined(self, later: Segment) -> Segment | None:
+        """This encoded segment followed by ``later`` (same pairs, encoded by a codec that can ``concat``) as one
+        segment, or None when they cannot be joined."""
+        if (
+            self.codec is None
+            or later.codec is None
+            or not hasattr(self.codec, "concat")
+            or type(self.codec) is not type(later.codec)
+            or (self.positions is None) != (later.positions is None)
+            or not torch.equal(self.rows, later.rows)
+            or not torch.equal(self.heads, later.heads)
+        ):
+            return None
+        codec = self.codec.concat(later.codec)
+        if codec is None:
+            return None
+        positions = torch.cat([self.positions, later.positions], 1) if self.positions is not None else None
+        return Segment(self.rows, self.heads, None, None, positions, codec=codec, count=self.count + later.count)
 
     def tensors(self) -> list[torch.Tensor]:
         payload = self.codec.tensors() if self.codec is not None else [self.keys, self.values]
@@ -356,7 +378,8 @@ class KVCompressLayer(CacheLayerMixin):
             if n:
                 codec = comp.encode(k[:, :n].contiguous(), v[:, :n].contiguous(), ctx, rows, heads,
                                     pos[:, :n] if pos is not None else None)
-                segments.append(Segment(rows, heads, None, None, pos[:, :n] if pos is not None else None, codec=codec, count=n))
+                _add_encoded(segments, Segment(rows, heads, None, None, pos[:, :n] if pos is not None else None,
+                                               codec=codec, count=n), h)
                 changed = True
             if total > n:
                 segments.append(Segment(rows, heads, k[:, n:].contiguous(), v[:, n:].contiguous(),
@@ -381,7 +404,7 @@ class KVCompressLayer(CacheLayerMixin):
         pos = self.positions[:, :, :n].reshape(b * h, n) if self.positions is not None else None
         rows, heads = torch.arange(b).repeat_interleave(h), torch.arange(h).repeat(b)
         codec = comp.encode(keys, values, ctx, rows, heads, pos)
-        self.segments.append(Segment(rows, heads, None, None, pos, codec=codec, count=n))
+        _add_encoded(self.segments, Segment(rows, heads, None, None, pos, codec=codec, count=n), h)
         if self.positions is not None:
             self.positions = self.positions[:, :, n : self.length].clone()
         # The buffer now holds only the residual window: move it into a fresh buffer (exact size after prefill, the
@@ -411,7 +434,22 @@ class KVCompressLayer(CacheLayerMixin):
                 return _decode_attention(query, keys, values, scaling)
             mask = causal[None, None] if causal is not None else None
             return sdpa_attention_forward(module, query, keys, values, mask, scaling=scaling, is_causal=False)[0]
-        return _merged_attention(query, self.segments, keys, values, causal, scaling)
+        return _merged_attention(query, self.segments, keys, values, causal, scaling, self.cache.workspace)
+
+
+def _add_encoded(segments: list[Segment], seg: Segment, kv_heads: int) -> None:
+    """Append an encoded segment, joined to its pairs' previous block when that block is the newest segment holding
+    any of these pairs and covers exactly the same pairs (position order per pair is kept)."""
+    ids = seg.rows * kv_heads + seg.heads
+    for i in range(len(segments) - 1, -1, -1):
+        other = segments[i]
+        if bool(torch.isin(other.rows * kv_heads + other.heads, ids).any()):
+            joined = other.joined(seg)
+            if joined is not None:
+                segments[i] = joined
+                return
+            break
+    segments.append(seg)
 
 
 def _decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -430,8 +468,11 @@ def _merged_attention(
     buf_v: torch.Tensor,
     causal: torch.Tensor | None,
     scaling: float,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
-    """Exact softmax attention over ragged segments plus the dense buffer, merged by log-sum-exp (fp32)."""
+    """Exact softmax attention over ragged segments plus the dense buffer, merged by log-sum-exp (fp32). Encoded
+    segments are attended through their codec's ``scores``/``mix`` when it has them, otherwise reconstructed one at a
+    time into ``workspace``."""
     b, hq, q_len, d = query.shape
     h = buf_k.shape[1]
     g = hq // h
@@ -440,7 +481,7 @@ def _merged_attention(
     run_sum = torch.zeros(b, h, g * q_len, device=query.device)
     run_out = torch.zeros(b, h, g * q_len, buf_v.shape[-1], device=query.device)
 
-    def merge(scores: torch.Tensor, v: torch.Tensor, rows: Any, heads: Any) -> None:
+    def merge(scores: torch.Tensor, mix: Any, rows: Any, heads: Any) -> None:
         blk_max = scores.amax(-1)
         safe = torch.where(torch.isfinite(blk_max), blk_max, torch.zeros_like(blk_max))
         p = torch.exp(scores - safe.unsqueeze(-1))
@@ -450,18 +491,21 @@ def _merged_attention(
         a_old = torch.exp(old_max - new_safe)
         a_blk = torch.exp(safe - new_safe)
         run_sum[rows, heads] = run_sum[rows, heads] * a_old + p.sum(-1) * a_blk
-        run_out[rows, heads] = run_out[rows, heads] * a_old.unsqueeze(-1) + (p @ v.float()) * a_blk.unsqueeze(-1)
+        run_out[rows, heads] = run_out[rows, heads] * a_old.unsqueeze(-1) + mix(p) * a_blk.unsqueeze(-1)
         run_max[rows, heads] = new_max
 
     for seg in segments:
-        seg_k, seg_v = seg.kv()  # an encoded segment is decoded here, one segment at a time
         qs = q[seg.rows, seg.heads]  # (pairs, g*q_len, d)
-        merge((qs @ seg_k.float().transpose(-1, -2)) * scaling, seg_v, seg.rows, seg.heads)
+        if seg.codec is not None and hasattr(seg.codec, "scores"):
+            merge(seg.codec.scores(qs) * scaling, seg.codec.mix, seg.rows, seg.heads)
+            continue
+        seg_k, seg_v = seg.kv(workspace, torch.float32)  # reconstructed here, one segment at a time
+        merge((qs @ seg_k.transpose(-1, -2)) * scaling, lambda p: p @ seg_v, seg.rows, seg.heads)
     if buf_k.shape[-2] > 0:
         scores = (q @ buf_k.float().transpose(-1, -2)) * scaling  # (b, h, g*q_len, n)
         if causal is not None:
             scores = scores.view(b, h, g, q_len, -1).masked_fill(~causal, float("-inf")).view(b, h, g * q_len, -1)
-        merge(scores, buf_v, slice(None), slice(None))
+        merge(scores, lambda p: p @ buf_v.float(), slice(None), slice(None))
     out = run_out / run_sum.unsqueeze(-1)
     return out.view(b, hq, q_len, -1).transpose(1, 2).to(query.dtype)
 
@@ -485,6 +529,7 @@ class KVCompressCache(Cache):
         self._inputs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self.trace = trace  # keep logical positions of kept entries (a diagnostic; not counted as cache memory)
         self.enabled = True
+        self.workspace = Workspace()  # scratch for reconstructing encoded blocks in attention (not cache data)
         super().__init__(layers=[KVCompressLayer(i, self) for i in range(self.num_layers)])
 
     # -- control --------------------------------------------------------------------------------------------
@@ -680,6 +725,7 @@ class KVCompressCache(Cache):
             "dense_bytes": dense,
             "kept_bytes": kept,
             "resident_bytes": self.resident_bytes(),
+            "workspace_bytes": self.workspace.nbytes(),  # attention scratch, reused across steps; not cache data
             "kept_fraction": kept / dense if dense else math.nan,
             "context_tokens": first.logical if first is not None else 0,
             "dtype_bytes": first.keys.element_size() if first is not None else None,

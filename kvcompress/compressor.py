@@ -147,11 +147,45 @@ class Compressor:
         return f"{self.name}({args})"
 
 
-class Codec(Protocol):
-    """Encoded storage of a block of KV entries ``(pairs, count, head_dim)`` (quantized, low-rank, pruned...)."""
+class Workspace:
+    """Reusable scratch buffers for reconstructing encoded blocks inside attention, one block at a time.
 
-    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``(pairs, count, head_dim)`` reconstructed in the cache dtype (a transient copy)."""
+    A decode step that reconstructs a long block into a freshly allocated tensor pays for new pages every step (the
+    allocator returns large blocks to the OS); reusing one buffer per slot avoids that. Not cache data: it holds at
+    most one block's keys and values in float32 and is reported apart (``workspace_bytes``). Views returned by
+    :meth:`get` stay valid until the next :meth:`get` of the same slot.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        buf = self._buffers.get(slot)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[slot] = buf
+        return buf[:numel].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+class Codec(Protocol):
+    """Encoded storage of a block of KV entries ``(pairs, count, head_dim)`` (quantized, low-rank, pruned...).
+
+    Optional, for attention without reconstructing the block: ``scores(query) -> query · Kᵀ`` and
+    ``mix(probs) -> probs · V`` for ``query (pairs, m, d_k)`` and ``probs (pairs, m, count)``, float32 in and out
+    (low-rank coefficients and pruned channels are read as they are stored). Optional ``concat(later) -> Codec``
+    joins a later block of the same (row, head) pairs, so decoding keeps one block per pair group instead of one
+    per flush.
+    """
+
+    def decode(self, workspace: Workspace | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(pairs, count, head_dim)`` reconstructed (a transient copy) in ``dtype`` (default: the
+        cache dtype); with a ``workspace`` they may be views of its buffers."""
         ...
 
     def tensors(self) -> list[torch.Tensor]:
@@ -167,8 +201,8 @@ class HiddenCompressor(Compressor):
     :class:`Codec` instead of the full-precision tensors. For every (row, KV head) pair the same rule holds, whatever
     the layout (uniform buffer or ragged segments, batch or alone): of the pair's full-precision tail, the newest
     :meth:`residual_tokens` stay in full precision and the oldest whole :meth:`chunk_tokens` beyond that are encoded —
-    at prefill and, while decoding, whenever the tail reaches ``residual + chunk``. Attention decodes one block at a
-    time.
+    at prefill and, while decoding, whenever the tail reaches ``residual + chunk``. Attention reconstructs one block
+    at a time (into the cache's :class:`Workspace`), or none where the codec attends directly (``scores``/``mix``).
     """
 
     axis: ClassVar[Axis | None] = Axis.HIDDEN

@@ -60,29 +60,32 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-def unpack(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+def unpack(
+    packed: torch.Tensor,
+    bits: int,
+    n: int,
+    dtype: torch.dtype = torch.uint8,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Inverse of :func:`pack`: the first ``n`` codes of the last axis, as ``dtype``. Codes are written straight into
-    the output, one byte-plane at a time and in slabs of rows, so the only temporary is a small byte slab."""
+    the output one bit-plane at a time; the only temporary is one byte per packed byte (``scratch``, if given, is
+    reused for it). ``out`` (shape ``(*packed.shape[:-1], n)``), if given, receives the codes."""
     bits = check_bits(bits)
+    shape = (*packed.shape[:-1], n)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
     if bits == 8:
-        return packed[..., :n].to(dtype)
+        return out.copy_(packed[..., :n])
     per, mask = 8 // bits, (1 << bits) - 1
     m = packed.shape[-1]
-    out = torch.empty(*packed.shape[:-1], m * per, dtype=dtype, device=packed.device)
-    src, dst = packed.reshape(-1, m), out.view(-1, m * per)
-    rows = max(1, _SLAB_BYTES // max(1, m))
-    tmp = torch.empty(min(rows, src.shape[0]), m, dtype=torch.uint8, device=packed.device)
-    for start in range(0, src.shape[0], rows):
-        block = src[start : start + rows]
-        t = tmp[: block.shape[0]]
-        for j in range(per):
-            torch.bitwise_right_shift(block, bits * j, out=t)
-            t.bitwise_and_(mask)
-            dst[start : start + rows, j::per] = t
-    return out[..., :n] if out.shape[-1] != n else out
-
-
-_SLAB_BYTES = 1 << 16
+    tmp = scratch if scratch is not None else torch.empty_like(packed)
+    for j in range(per):
+        count = len(range(j, n, per))  # codes of plane j that fall inside the first n (the rest is padding)
+        torch.bitwise_right_shift(packed, bits * j, out=tmp)
+        tmp.bitwise_and_(mask)
+        out[..., j::per].copy_(tmp[..., :count] if count < m else tmp)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,6 +136,7 @@ def dequantize_groups_(out: torch.Tensor, scale: torch.Tensor, minimum: torch.Te
     dim = dim % out.dim()
     n = out.shape[dim]
     full = n // group * group
+    scale, minimum = scale.to(out.dtype), minimum.to(out.dtype)  # small; mixed-dtype in-place ops are slow
     if full:
         body = out.narrow(dim, 0, full)
         shape = (*body.shape[:dim], full // group, group, *body.shape[dim + 1 :])

@@ -24,11 +24,12 @@ The per-layer relative Frobenius error of K and V is in ``cache.shared["lowrank"
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
-from kvcompress.compressor import CompressionContext, register
+from kvcompress.compressor import CompressionContext, Workspace, register
 from kvcompress.errors import KVCompressError, check_non_negative_int
 from kvcompress.lowrank import bases_for
 from kvcompress.quantize import ResidualHidden
@@ -50,11 +51,28 @@ class LowRankCodec:
     def _bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_bases[self.heads, :, : self.ranks[0]], self.v_bases[self.heads, :, : self.ranks[1]]
 
-    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, workspace: Workspace | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         k_basis, v_basis = self._bases()
         k = self.k_coef.float() @ k_basis.transpose(-1, -2)
         v = self.v_coef.float() @ v_basis.transpose(-1, -2)
-        return k.to(self.dtype), v.to(self.dtype)
+        return k.to(dtype or self.dtype), v.to(dtype or self.dtype)
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """``q · K̂ᵀ = (q · B_k) · coefᵀ``: reads the r-dim coefficients, never a full-size key."""
+        return (query @ self._bases()[0]) @ self.k_coef.float().transpose(-1, -2)
+
+    def mix(self, probs: torch.Tensor) -> torch.Tensor:
+        """``p · V̂ = (p · coef) · B_vᵀ``."""
+        return (probs @ self.v_coef.float()) @ self._bases()[1].transpose(-1, -2)
+
+    def concat(self, later: LowRankCodec) -> LowRankCodec | None:
+        same = lambda a, b: a.data_ptr() == b.data_ptr() and a.shape == b.shape  # noqa: E731 (the layer's bases)
+        if not (same(later.k_bases, self.k_bases) and same(later.v_bases, self.v_bases)) or later.ranks != self.ranks:
+            return None
+        joined = copy.copy(self)
+        joined.k_coef = torch.cat([self.k_coef, later.k_coef], 1)
+        joined.v_coef = torch.cat([self.v_coef, later.v_coef], 1)
+        return joined
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.k_coef, self.v_coef]

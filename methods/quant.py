@@ -13,8 +13,10 @@ Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICM
 * The newest ``residual`` tokens (a multiple of ``group``) of every (row, KV head) stay in full precision; the buffer is
   flushed in whole groups (``chunk_tokens() == group``), so the residual holds between ``residual`` and
   ``residual + group − 1`` tokens. Composed after a token method, only the kept tokens are quantized.
-* Attention decodes one encoded block at a time (the core's merged attention), so at most one layer's keys and values
-  are ever dequantized at once; decoding writes codes straight into the output (no wide temporaries).
+* Attention dequantizes one encoded block at a time (the core's merged attention) into the cache's reusable float32
+  workspace, so at most one layer's keys and values are ever dequantized at once and no step allocates fresh
+  layer-sized buffers. Blocks flushed while decoding are joined to the layer's existing block (codes and metadata
+  concatenated along tokens), so the per-step cost does not grow with the number of flushes.
 
 Defaults: ``bits=4``, ``group=32``, ``residual=128`` (KIVI's G=32, R=128). ``bits`` ∈ {2, 4, 8}.
 The per-layer relative Frobenius error of the encoded K and V is in ``cache.shared["quant"]["recon_error"]``.
@@ -26,29 +28,56 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.compressor import CompressionContext, register
+from kvcompress.compressor import CompressionContext, Workspace, register
 from kvcompress.errors import KVCompressError, check_non_negative_int, check_positive_int
 from kvcompress.quantize import ResidualHidden, check_bits, dequantize_groups_, pack, quantize_groups, unpack
 
 
+@dataclass
 class QuantCodec:
     """Packed codes + float16 scales/minima for keys (per channel, token groups) and values (per token, channel
     groups) of a block ``(pairs, count, head_dim)``."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, bits: int, group: int):
-        self.bits, self.group, self.dtype = bits, group, keys.dtype
-        self.dims = (keys.shape[-1], values.shape[-1])
-        codes, self.k_scale, self.k_min = quantize_groups(keys, bits, group, dim=1)
-        self.k_packed = pack(codes, bits)
-        codes, self.v_scale, self.v_min = quantize_groups(values, bits, group, dim=2)
-        self.v_packed = pack(codes, bits)
+    bits: int
+    group: int
+    dtype: torch.dtype
+    dims: tuple[int, int]
+    k_packed: torch.Tensor
+    k_scale: torch.Tensor
+    k_min: torch.Tensor
+    v_packed: torch.Tensor
+    v_scale: torch.Tensor
+    v_min: torch.Tensor
 
-    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
-        k = unpack(self.k_packed, self.bits, self.dims[0], dtype=torch.float32)
-        dequantize_groups_(k, self.k_scale, self.k_min, self.group, dim=1)
-        v = unpack(self.v_packed, self.bits, self.dims[1], dtype=torch.float32)
-        dequantize_groups_(v, self.v_scale, self.v_min, self.group, dim=2)
-        return k.to(self.dtype), v.to(self.dtype)
+    @classmethod
+    def encode(cls, keys: torch.Tensor, values: torch.Tensor, bits: int, group: int) -> QuantCodec:
+        k_codes, k_scale, k_min = quantize_groups(keys, bits, group, dim=1)
+        v_codes, v_scale, v_min = quantize_groups(values, bits, group, dim=2)
+        return cls(bits, group, keys.dtype, (keys.shape[-1], values.shape[-1]),
+                   pack(k_codes, bits), k_scale, k_min, pack(v_codes, bits), v_scale, v_min)
+
+    def decode(self, workspace: Workspace | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for name, packed, scale, minimum, dim, d in (
+            ("k", self.k_packed, self.k_scale, self.k_min, 1, self.dims[0]),
+            ("v", self.v_packed, self.v_scale, self.v_min, 2, self.dims[1]),
+        ):
+            if workspace is None:
+                x = unpack(packed, self.bits, d, dtype=torch.float32)
+            else:
+                x = unpack(packed, self.bits, d, out=workspace.get(name, (*packed.shape[:-1], d), torch.float32, packed.device),
+                           scratch=workspace.get("codes", packed.shape, torch.uint8, packed.device))
+            out.append(dequantize_groups_(x, scale, minimum, self.group, dim=dim).to(dtype or self.dtype))
+        return out[0], out[1]
+
+    def concat(self, later: QuantCodec) -> QuantCodec | None:
+        """This block followed by ``later`` (same pairs): codes and per-group metadata joined along the token axis —
+        exact, since no key group straddles the two (this block's length is a multiple of ``group``)."""
+        if (later.bits, later.group, later.dims) != (self.bits, self.group, self.dims) or self.k_packed.shape[1] % self.group:
+            return None
+        joined = {name: torch.cat([getattr(self, name), getattr(later, name)], 1)
+                  for name in ("k_packed", "k_scale", "k_min", "v_packed", "v_scale", "v_min")}
+        return QuantCodec(self.bits, self.group, self.dtype, self.dims, **joined)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.k_packed, self.k_scale, self.k_min, self.v_packed, self.v_scale, self.v_min]
@@ -77,4 +106,4 @@ class Quant(ResidualHidden):
         return self.group
 
     def encode_block(self, keys, values, rows, heads, ctx: CompressionContext) -> QuantCodec:
-        return QuantCodec(keys, values, self.bits, self.group)
+        return QuantCodec.encode(keys, values, self.bits, self.group)

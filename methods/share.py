@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.compressor import CompressionContext, HiddenCompressor, register
+from kvcompress.compressor import CompressionContext, HiddenCompressor, Workspace, register
 from kvcompress.errors import KVCompressError, check_non_negative_int
 
 
@@ -71,7 +71,11 @@ class ShareCodec:
         self.block = None
         self.partner = weakref.ref(owner) if owner is not None else None
 
-    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, workspace: Workspace | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._reconstruct()
+        return (k, v) if dtype is None else (k.to(dtype), v.to(dtype))
+
+    def _reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pair is None:
             return self.keys, self.values
         p = self.pair

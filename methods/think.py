@@ -16,8 +16,9 @@ Choices (stated, since the paper leaves them open or differs):
   A pair's score is the sum of its two channels' scores; ``round(ratio · head_dim/2)`` pairs are kept (at least 1).
 * The choice is made once per layer at prefill (over the whole prompt, before any token-axis selection) and kept in
   the layer's state (int16 indices, counted as cache memory); decode-time flushes reuse it.
-* ``decode()`` zero-fills the dropped channels: the scores ``q · k`` are then exactly those of the query with the
-  same channels masked, so attention is exact with respect to the pruned keys.
+* Attention applies the same channel selection to the queries (``q[kept] · k[kept]``) and reads only the stored
+  channels; ``decode()`` (for scorers that need full-width keys) zero-fills the dropped channels, which gives the
+  same scores.
 * The newest ``residual`` tokens stay whole in the append buffer (flushed in chunks of 32); ``residual=32``.
 
 Defaults: ``ratio=0.5`` (ThinK's 50% channel pruning), ``window=32`` (SnapKV's observation window), ``residual=32``.
@@ -26,11 +27,12 @@ The per-layer relative Frobenius error of the pruned K (V is exact) is in ``cach
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
-from kvcompress.compressor import CompressionContext, LayerView, register
+from kvcompress.compressor import CompressionContext, LayerView, Workspace, register
 from kvcompress.errors import check_non_negative_int, check_positive_int
 from kvcompress.quantize import ResidualHidden
 
@@ -47,11 +49,27 @@ class PrunedKeyCodec:
         self.keys = keys.gather(-1, idx)
         self.values = values
 
-    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, workspace: Workspace | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         p, n, _ = self.keys.shape
-        full = self.keys.new_zeros((p, n, self.dim))
-        full.scatter_(-1, self.channels.long().unsqueeze(1).expand(-1, n, -1), self.keys)
-        return full, self.values
+        full = self.keys.new_zeros((p, n, self.dim), dtype=dtype)
+        full.scatter_(-1, self.channels.long().unsqueeze(1).expand(-1, n, -1), self.keys.to(full.dtype))
+        return full, self.values.to(full.dtype)
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """The query restricted to the kept channels (ThinK's masked query) times the stored key channels."""
+        idx = self.channels.long().unsqueeze(1).expand(-1, query.shape[1], -1)
+        return query.gather(-1, idx) @ self.keys.float().transpose(-1, -2)
+
+    def mix(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs @ self.values.float()
+
+    def concat(self, later: PrunedKeyCodec) -> PrunedKeyCodec | None:
+        if later.dim != self.dim or not torch.equal(later.channels, self.channels):
+            return None
+        joined = copy.copy(self)
+        joined.keys = torch.cat([self.keys, later.keys], 1)
+        joined.values = torch.cat([self.values, later.values], 1)
+        return joined
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.keys, self.channels, self.values]

@@ -21,8 +21,8 @@ class _HalfCodec:
         dtype = keys.dtype if exact else torch.float16
         self.keys, self.values, self.dtype = keys.to(dtype).clone(), values.to(dtype).clone(), keys.dtype
 
-    def decode(self):
-        return self.keys.to(self.dtype), self.values.to(self.dtype)
+    def decode(self, workspace=None, dtype=None):
+        return self.keys.to(dtype or self.dtype), self.values.to(dtype or self.dtype)
 
     def tensors(self):
         return [self.keys, self.values]

@@ -13,8 +13,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import kvcompress
 import kvcompress.lowrank as lr
+from kvcompress.cache import Segment
 from kvcompress.compat import cache_arg
 from kvcompress.errors import KVCompressError
+from kvcompress.methods.lowrank import LowRankCodec
+from kvcompress.methods.think import PrunedKeyCodec
 from kvcompress.quantize import dequantize_groups_, pack, quantize_groups, unpack
 
 
@@ -131,6 +134,37 @@ def test_quant_composes_with_token_and_head_methods() -> None:
         encoded = sorted(s.count for s in layer.segments if s.codec is not None)
         assert len(encoded) == 2 and encoded[0] < encoded[1]  # both head groups, each encoded (whole groups of 32)
         assert all(type(s.codec).__name__ == "QuantCodec" for s in layer.segments if s.codec is not None)
+
+
+@pytest.mark.parametrize("method", ["quant", "lowrank", "think", "heads+quant"])
+def test_decode_flushes_join_one_block_and_direct_attention_equals_reconstruction(method, monkeypatch) -> None:
+    """Blocks flushed while decoding are joined to the pairs' existing block (one encoded segment per pair group,
+    however long the generation), and codecs that attend without reconstructing (lowrank, think) give the logits of
+    the reconstruct-then-attend path; both against runs with joining and the direct path switched off."""
+    model = tiny_model("llama")
+    ids = prompts((150,))[0].view(1, -1)
+
+    def run():
+        cache = kvcompress.compress(model, method.split("+"), ratio=0.5)
+        logits = []
+        with torch.no_grad():
+            model(ids, **cache_arg(cache))
+            for step in range(100):  # > 3 flushes of 32 tokens
+                logits.append(model(torch.tensor([[5 + step]]), **cache_arg(cache)).logits[0, -1])
+        return cache, torch.stack(logits)
+
+    cache, direct = run()
+    for layer in cache.layers:
+        groups = [(tuple(s.rows.tolist()), tuple(s.heads.tolist())) for s in layer.segments if s.codec is not None]
+        assert len(groups) == len(set(groups)), "one encoded block per pair group"
+    assert cache.memory_report()["workspace_bytes"] >= 0
+    monkeypatch.setattr(Segment, "joined", lambda self, later: None)
+    for codec in (LowRankCodec, PrunedKeyCodec):
+        monkeypatch.delattr(codec, "scores")
+    cache_ref, reconstructed = run()
+    assert sum(len(layer.segments) for layer in cache_ref.layers) > sum(len(layer.segments) for layer in cache.layers)
+    torch.testing.assert_close(direct, reconstructed, atol=1e-5, rtol=1e-5)
+    assert cache.kept_bytes() <= cache_ref.kept_bytes()  # joining only drops the repeated (row, head) indices
 
 
 # -- lowrank ---------------------------------------------------------------------------------------------------
