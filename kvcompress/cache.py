@@ -702,25 +702,52 @@ class KVCompressCache(Cache):
             out.append(pos.tolist())
         return out
 
-    def effective_bits(self) -> list[float]:
-        """Per layer, the stored bits per kept key/value element, everything held included (quantization scales,
-        indices, codec metadata, padding of an uncompressed batch): ``8 · kept_bytes / (kept tokens · (d_k + d_v))``.
-        With it, kept tokens × dims × bits reproduces each layer's bytes — what the latency model charges."""
-        bits = []
+    def bits_split(self) -> list[tuple[float, float]]:
+        """Per layer, ``(fixed_bits, dtype_fraction)`` of a kept key/value element, so that
+        ``effective bits = fixed_bits + dtype_fraction · 8 · dtype_bytes``.
+
+        ``dtype_fraction`` = elements held in tensors of the cache's own dtype per kept element (full-precision
+        buffers, low-rank coefficients, pruned channels: they scale with the dtype); ``fixed_bits`` = bits held in
+        other dtypes per kept element (integer codes, int64 indices, float16 quantization scales/minima of a
+        non-float16 cache: fixed whatever the cache dtype). Tensors are classed by dtype, so the float16 scales of
+        a float16 cache count as dtype-scaled. Per element = per (kept token, d_k + d_v) of the layer. A layer
+        holding no token reports ``(0, 1)`` (a dense layer of the cache dtype)."""
+        out = []
         for layer in self.layers:
             tokens = float(layer.kept_tokens().sum()) if layer.is_initialized else 0.0
-            dims = self.head_dim * 2 if not layer.is_initialized else layer.keys.shape[-1] + layer.values.shape[-1]
-            if tokens > 0:
-                bits.append(8.0 * layer.kept_bytes() / (tokens * dims))
-            else:
-                bits.append(8.0 * (layer.keys.element_size() if layer.is_initialized else 2))
-        return bits
+            if tokens <= 0:
+                out.append((0.0, 1.0))
+                continue
+            dtype = layer.keys.dtype
+            elements = tokens * (layer.keys.shape[-1] + layer.values.shape[-1])
+            own = other = 0
+            for t in layer.tensors():
+                if t.dtype == dtype:
+                    own += _nbytes(t)
+                else:
+                    other += _nbytes(t)
+            out.append((8.0 * other / elements, own / layer.keys.element_size() / elements))
+        return out
+
+    def effective_bits(self, split: list[tuple[float, float]] | None = None) -> list[float]:
+        """Per layer, the stored bits per kept key/value element, everything held included (quantization scales,
+        indices, codec metadata, padding of an uncompressed batch): ``8 · kept_bytes / (kept tokens · (d_k + d_v))``
+        = ``fixed_bits + dtype_fraction · 8 · dtype_bytes`` (:meth:`bits_split`). With it, kept tokens × dims ×
+        bits reproduces each layer's bytes — what the latency model charges."""
+        split = self.bits_split() if split is None else split
+        return [fixed + frac * 8.0 * (layer.keys.element_size() if layer.is_initialized else 2)
+                for (fixed, frac), layer in zip(split, self.layers)]
 
     def memory_report(self) -> dict[str, Any]:
-        """The memory block of a results row."""
+        """The memory block of a results row.
+
+        ``key_bits``/``value_bits`` are the effective bits per kept element (:meth:`effective_bits`);
+        ``fixed_bits``/``dtype_fraction`` split them (:meth:`bits_split`) so that a projection onto a model of
+        another dtype charges ``fixed_bits + dtype_fraction · target dtype bits``."""
         dense, kept = self.dense_bytes(), self.kept_bytes()
         first = next((layer for layer in self.layers if layer.is_initialized), None)
-        bits = self.effective_bits()
+        split = self.bits_split()
+        bits = self.effective_bits(split)
         return {
             "dense_bytes": dense,
             "kept_bytes": kept,
@@ -732,6 +759,8 @@ class KVCompressCache(Cache):
             "kept_tokens": self.kept_tokens(),
             "key_bits": bits,  # effective (metadata included), the same for keys and values
             "value_bits": bits,
+            "fixed_bits": [fixed for fixed, _ in split],  # bits in other dtypes (codes, fp16 scales, indices)
+            "dtype_fraction": [frac for _, frac in split],  # cache-dtype elements per kept element
             "simulated": False,  # every byte counted here is a byte held by a tensor
         }
 

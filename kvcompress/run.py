@@ -7,6 +7,7 @@ Hydra overrides (``key=value``), config groups ``method``, ``model`` and ``eval`
     python -m kvcompress.run method=[streaming,random] ratio=0.5     # composition (also method=streaming+random)
     python -m kvcompress.run -m method=streaming,random ratio=0.1,0.5
     python -m kvcompress.run method=streaming method.streaming.sink=8 results=out/rows.jsonl
+    python -m kvcompress.run method=h2o budget=128                     # tokens kept instead of a ratio (not both)
 
 Each evaluated configuration appends one JSON row: the resolved config, the memory block, the accuracy block and
 provenance. Bad input stops the run with a one-line ``error:`` before any computation; rows already in the
@@ -151,6 +152,7 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
         output_tokens=int(lat.output_tokens),
         target=OmegaConf.to_container(lat.deployment, resolve=True),
         efficiency=lat.efficiency,
+        model_name=loaded.name,
     )
     row = {
         "config_key": key,
@@ -186,14 +188,14 @@ def _prefill_costs(cache: kvcompress.KVCompressCache, config: Any, context: int)
     return {
         "extra_prefill_flops": extra,
         "prefill_skips_kv_layers": sorted(skips),
-        "prefill_saving": "compute" if skips else "memory-only",
+        "prefill_saving": f"skips K/V of layers {sorted(skips)}" if skips else "memory-only",
     }
 
 
 def _jsonable(obj: Any) -> Any:
-    """Plain-JSON parts of compressor state (tensors and other objects are left out)."""
+    """Plain-JSON parts of compressor state (tensors, other objects and private ``_``-prefixed keys are left out)."""
     if isinstance(obj, dict):
-        items = {str(k): _jsonable(v) for k, v in obj.items()}
+        items = {str(k): _jsonable(v) for k, v in obj.items() if not str(k).startswith("_")}
         return {k: v for k, v in items.items() if v is not None}
     if isinstance(obj, (list, tuple)):
         items = [_jsonable(v) for v in obj]

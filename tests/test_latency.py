@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from kvcompress.latency import (
     CompressionProfile,
     Workload,
     estimate,
     kv_replication,
+    latency_block,
+    list_hardware,
     load_efficiency,
     load_hardware,
     load_model_profile,
@@ -20,6 +26,7 @@ from kvcompress.latency import (
 )
 
 YI = "yi-34b-200k"
+HARDWARE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
 
 
 def paper(n: int, **kw: int):
@@ -179,6 +186,126 @@ def test_extra_prefill_flops_are_charged() -> None:
     assert r.prefill_s - r.baseline.prefill_s == pytest.approx(1.0)
 
 
+def test_session_throughput_for_b_users() -> None:
+    # 13 users at 4K (the users that fit on one A100-80GB): TPS(B) = B·N_out / (T_pre(B) + T_dec(B)), docstring
+    m, hw, b, n, n_out = load_model_profile(YI), load_hardware("a100-80gb"), 13, 4000, 250
+    r = estimate(m, hw, Workload(n, n_out, users=b), convention="paper")
+    t_pre = b * (2 * m.params_active * n + m.attention_flops(n)) / hw.flops_bf16
+    t_dec = n_out * (m.active_weight_bytes + b * m.kv_bytes(n)) / hw.hbm_bandwidth
+    assert m.attention_flops(n) == m.num_layers * m.hidden_size * n * (n + 1)  # Yi: n_q·d_h = d
+    assert r.prefill_s == pytest.approx(t_pre, rel=1e-12) and r.decode_s == pytest.approx(t_dec, rel=1e-12)
+    assert r.session_throughput_tok_s == pytest.approx(b * n_out / (t_pre + t_dec), rel=1e-12)
+    assert r.concurrency == b and r.fits
+
+
+def test_prefill_skipping_kv_layers_saves_their_kv_projection_flops() -> None:
+    # S = 2 (K and V) · 2 FLOPs per multiply-add · d · n_kv · d_h · n per skipped layer, times B users
+    m, hw, n, b = load_model_profile(YI), load_hardware("a100-80gb"), 4000, 3
+    skipped = (0, 7, 59)
+    prof = dataclasses.replace(CompressionProfile.dense(m, n), prefill_skips_kv_layers=skipped)
+    r = estimate(m, hw, Workload(n, users=b), compression=prof)
+    saved = b * len(skipped) * 2 * 2 * m.hidden_size * m.num_kv_heads * m.head_dim * n / hw.flops_bf16
+    assert r.baseline.prefill_s - r.prefill_s == pytest.approx(saved, rel=1e-9)
+    assert prof.prefill_saving() == "skips K/V of layers [0, 7, 59]"
+    assert CompressionProfile.dense(m, n).prefill_saving() == "memory-only"
+
+
+def test_latency_block_says_whether_prefill_saving_is_real() -> None:
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=100)
+    report = {"kept_tokens": [[100.0, 100.0], [10.0, 10.0]], "context_tokens": 100, "dtype_bytes": 4}
+    plain = latency_block(cfg, report, model_name="my-run-model")
+    skip = latency_block(cfg, {**report, "prefill_skips_kv_layers": [1]})
+    assert plain["evaluated"]["prefill_saving"] == plain["deployment"]["prefill_saving"] == "memory-only"
+    assert plain["evaluated"]["model"] == plain["deployment"]["projected_from"]["model"] == "my-run-model"
+    assert skip["evaluated"]["prefill_saving"] == "skips K/V of layers [1]"
+    # target layer j reads source layer ⌊(j + ½)·2/60⌋: the upper 30 of Yi's 60 layers skip their K/V
+    yi, hw = load_model_profile(YI), load_hardware("a100-80gb")
+    assert skip["deployment"]["prefill_saving"] == f"skips K/V of layers {list(range(30, 60))}"
+    saved = 30 * 4 * yi.hidden_size * yi.num_kv_heads * yi.head_dim * 50_000 / hw.flops_bf16
+    dep, base = skip["deployment"], plain["deployment"]
+    assert base["prefill_s"] - dep["prefill_s"] == pytest.approx(saved, rel=1e-9)
+
+
+def test_projection_scales_dtype_bits_and_keeps_fixed_bits() -> None:
+    # An fp32 source: per element, 0.5 elements in the cache dtype (coefficients) + 5 fixed bits (4-bit codes and
+    # fp16 scales). On a bf16 target that is 5 + 0.5·16 bits, not 5 + 0.5·32 (nor the fp32 bits as they were).
+    small = load_model_profile({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64,
+                                "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+                                "vocab_size": 100, "torch_dtype": "float32"})
+    fixed, frac = [5.0, 0.0], [0.5, 0.5]
+    report = {"kept_tokens": [[100.0, 100.0]] * 2, "context_tokens": 100, "dtype_bytes": 4, "fixed_bits": fixed,
+              "dtype_fraction": frac}
+    prof = CompressionProfile.from_report(report, small)
+    assert prof.key_bits == prof.value_bits == [f + d * 32 for f, d in zip(fixed, frac)]
+    yi = load_model_profile(YI)
+    proj = project(prof, yi, 50_000)
+    expected = [fixed[min(1, math.floor((j + 0.5) * 2 / 60))] + 0.5 * 16 for j in range(60)]
+    assert proj.key_bits == proj.value_bits == expected
+    assert proj.kept_fractions()["bytes"] == pytest.approx(sum(expected) / (60 * 16))
+    # a bf16 source is projected as before: its effective bits unchanged, with or without the split
+    bf16 = dataclasses.replace(small, dtype_bytes=2)
+    same = {**report, "dtype_bytes": 2}
+    with_split = project(CompressionProfile.from_report(same, bf16), yi, 50_000)
+    without = project(CompressionProfile.from_report({**same, "fixed_bits": None, "dtype_fraction": None,
+                                                      "key_bits": [13.0, 8.0], "value_bits": [13.0, 8.0]}, bf16),
+                      yi, 50_000)
+    assert with_split.key_bits == without.key_bits and with_split.kv_bytes() == without.kv_bytes()
+    with pytest.raises(ValueError, match=r"key_bits\[0\]=9.0 differs from fixed_bits \+ dtype_fraction"):
+        CompressionProfile.from_report({**report, "key_bits": [9.0, 16.0]}, small)
+    with pytest.raises(ValueError, match="fixed_bits and dtype_fraction must be given together"):
+        CompressionProfile.from_report({**report, "dtype_fraction": None}, small)
+
+
+# ---- presets ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset, published", [
+    ("qwen2.5-7b", 7.62e9),  # Qwen/Qwen2.5-7B model card on Hugging Face: 7.62B parameters
+    ("llama-3.1-70b", 70.6e9),  # meta-llama/Llama-3.1-70B model card on Hugging Face: 70.6B parameters
+])
+def test_preset_parameter_counts_match_published_totals(preset: str, published: float) -> None:
+    m = load_model_profile(preset)
+    assert m.params_total == pytest.approx(published, rel=0.01)  # biases are ignored by the formula
+    assert m.params_active == m.params_total and m.gated_ffn and not m.tie_word_embeddings
+
+
+def test_tied_embeddings_and_non_gated_ffn_parameter_paths() -> None:
+    L, d, nq, nkv, dh, f, V = 3, 64, 4, 2, 16, 256, 1000
+    base = {"num_hidden_layers": L, "hidden_size": d, "num_attention_heads": nq, "num_key_value_heads": nkv,
+            "head_dim": dh, "intermediate_size": f, "vocab_size": V}
+    attn = d * nq * dh + 2 * d * nkv * dh + nq * dh * d
+    gated_untied = load_model_profile({**base, "model_type": "llama"})
+    gelu_tied = load_model_profile({**base, "model_type": "gpt2", "hidden_act": "gelu", "tie_word_embeddings": True})
+    assert gated_untied.gated_ffn and not gelu_tied.gated_ffn and gelu_tied.tie_word_embeddings
+    assert gated_untied.params_total == L * (attn + 3 * d * f + 2 * d) + d + 2 * V * d
+    assert gelu_tied.params_total == L * (attn + 2 * d * f + 2 * d) + d + V * d
+
+
+# ---- hardware profiles --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list_hardware())
+def test_hardware_yaml_loads_and_every_number_has_a_source_comment(name: str) -> None:
+    path = HARDWARE_DIR / f"{name}.yaml"
+    hw = load_hardware(name)
+    assert hw.name == name and hw.memory_bytes <= hw.memory_gb * 2**30 * 1.0001
+    lines = path.read_text().splitlines()
+    data = yaml.safe_load(path.read_text())
+
+    def is_number(value: object) -> bool:  # PyYAML reads 312.0e12 (exponent without sign) as a string
+        try:
+            return not isinstance(value, bool) and math.isfinite(float(value))
+        except (TypeError, ValueError):
+            return False
+
+    numeric = [i for i, ln in enumerate(lines) if re.match(r"^\w+:", ln) and is_number(data[ln.split(":")[0]])]
+    assert len(numeric) >= 5  # flops, bandwidth, memory (GB and bytes), PCIe
+    for i in numeric:
+        assert "#" in lines[i] or (i > 0 and lines[i - 1].lstrip().startswith("#")), f"{path.name}: {lines[i]!r}"
+    # the driver-reported capacity's comment states it in MiB: the value must be that many MiB
+    mib = re.search(r"([\d,]+) MiB", lines[next(i for i in numeric if lines[i].startswith("memory_bytes")) - 1])
+    assert mib and int(mib.group(1).replace(",", "")) * 2**20 == hw.memory_bytes
+
+
 # ---- bad inputs ---------------------------------------------------------------------------------------------
 def test_unknown_hardware_lists_choices() -> None:
     with pytest.raises(ValueError, match=r"unknown hardware 'tpu-v9'.*a100-80gb.*h100-sxm"):
@@ -191,8 +318,11 @@ def test_bad_context_and_tp() -> None:
         Workload(context=0)
     with pytest.raises(ValueError, match="context=-5"):
         Workload(context=-5)
-    with pytest.raises(ValueError, match=r"tp=3.*valid: 1, 2, 4, 8"):
+    with pytest.raises(ValueError, match=r"tp=3 .*either divide the KV heads or be a multiple of them .*replicated"
+                                         r".*vLLM.*valid: 1, 2, 4, 8"):
         estimate(YI, "a100-80gb", Workload(1000, tp=3))
+    with pytest.raises(ValueError, match=r"tp=16 .*valid: 1, 2, 4, 8, 56$"):  # 16 is a multiple of 8 but not of 56
+        estimate(YI, "a100-80gb", Workload(1000, tp=16))
     mqa = load_model_profile(YI).with_kv_heads(1)
     assert kv_replication(mqa, 4) == 4  # each GPU holds a replica of the single KV head
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from kvcompress.latency import latency_block
 from kvcompress.latency.__main__ import main
-from kvcompress.latency.tables import comparison_table, render_latex, render_markdown
+from kvcompress.latency.tables import CONTEXTS, TP_DEGREES, comparison_table, render_latex, render_markdown, tp_table
+
+PAPER_TABLES = Path(__file__).resolve().parents[1] / "paper_tables"
 
 
 def test_cli_prints_table(capsys) -> None:
@@ -33,6 +36,24 @@ def test_cli_bad_inputs(capsys, argv, message) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_committed_paper_tables_are_regenerated_byte_identically(tmp_path: Path, capsys) -> None:
+    assert main(["table", f"out={tmp_path}"]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "fu2024.md"), str(tmp_path / "fu2024.tex")]
+    for name in ("fu2024.md", "fu2024.tex"):
+        assert (tmp_path / name).read_bytes() == (PAPER_TABLES / name).read_bytes(), (
+            f"paper_tables/{name} is stale: run `python -m kvcompress.latency table`")
+
+
+def test_tp_table_covers_every_context_and_gpu_count() -> None:
+    t = tp_table()
+    assert [(row[0], row[1]) for row in t.rows] == [(f"{n:,}", str(g)) for n in CONTEXTS for g in TP_DEGREES]
+    assert {"4,000", "50,000"} <= {row[0] for row in t.rows}
+    # ~100 users at 4K on 2 GPUs (Fu 2024 via the digest), and time divides by N
+    row = {(r[0], r[1]): r for r in t.rows}
+    assert row[("4,000", "2")][3] == "100"
+    assert float(row[("50,000", "1")][4]) / float(row[("50,000", "4")][4]) == pytest.approx(4, rel=0.01)
 
 
 def test_comparison_table_statuses() -> None:

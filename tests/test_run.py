@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from hydra import compose, initialize_config_module
 import kvcompress
 from kvcompress import KVCompressError
 from kvcompress.compressor import get_method
+from kvcompress.latency import load_hardware
 from kvcompress.run import CONFIG_DIR, run_config
 
 FAST = ["model=tiny-random", "eval=fidelity", "eval.samples=1", "eval.context=128", "eval.new_tokens=4", "print_summary=false"]
@@ -103,9 +105,93 @@ def test_method_config_files_match_dataclass_defaults(name: str) -> None:
     assert params == defaults
 
 
-def test_latency_projection_charges_hidden_axis_bytes(tmp_path: Path) -> None:
+def _layer_kept(mem: dict) -> list[float]:
+    """Per layer, the kept share of the dense tokens (mean over KV heads)."""
+    return [sum(row) / (len(row) * mem["context_tokens"]) for row in mem["kept_tokens"]]
+
+
+def _deployment_bytes_ratio(mem: dict, target_bits: int) -> float:
+    """The projection rule (kvcompress.latency.project) on a same-shape target: per layer, kept share × (fixed_bits +
+    dtype_fraction · target dtype bits) over the dense target_bits; layers weigh equally (no sliding window)."""
+    kept = _layer_kept(mem)
+    bits = [f + d * target_bits for f, d in zip(mem["fixed_bits"], mem["dtype_fraction"])]
+    return sum(k * b for k, b in zip(kept, bits)) / (len(bits) * target_bits)
+
+
+def test_latency_projection_scales_lowrank_coefficients_with_the_target_dtype(tmp_path: Path) -> None:
+    # fp32 model, coefficients stored in fp32: on the bf16 target they cost 16 bits each, so the deployment bytes
+    # ratio equals the measured kept fraction up to the fixed (index) bits, which weigh 1/16 there and 1/32 here.
+    row = run_config(_cfg("method=lowrank", "ratio=0.5", f"results={tmp_path / 'rows.jsonl'}"))
+    mem, dep = row["memory"], row["latency"]["deployment"]
+    assert mem["dtype_bytes"] == 4 and all(k == 1.0 for k in _layer_kept(mem))  # hidden axis: every token kept
+    assert mem["key_bits"] == pytest.approx([f + d * 32 for f, d in zip(mem["fixed_bits"], mem["dtype_fraction"])])
+    tolerance = max(mem["fixed_bits"]) * (1 / 16 - 1 / 32)
+    assert 0 < tolerance < 0.01
+    assert 0 <= dep["ratio"]["kv_bytes"] - mem["kept_fraction"] <= tolerance + 1e-12
+    assert dep["ratio"]["kv_bytes"] == pytest.approx(_deployment_bytes_ratio(mem, 16), rel=1e-9)
+    assert dep["ratio"]["concurrency"] == pytest.approx(1 / dep["ratio"]["kv_bytes"], rel=0.01)
+
+
+def test_latency_projection_keeps_quantized_bits_absolute(tmp_path: Path) -> None:
     row = run_config(_cfg("method=quant", "method.quant.residual=32", f"results={tmp_path / 'rows.jsonl'}"))
-    mem, evaluated = row["memory"], row["latency"]["evaluated"]
+    mem, evaluated, dep = row["memory"], row["latency"]["evaluated"], row["latency"]["deployment"]
     assert evaluated["ratio"]["kv_bytes"] == pytest.approx(mem["kept_fraction"], rel=1e-6)
-    # Effective bits (codes + fp16 scales + the fp32 residual window) are charged on the deployment target too.
-    assert row["latency"]["deployment"]["ratio"]["kv_bytes"] < 0.8
+    bits, group = row["config"]["method"]["quant"]["bits"], row["config"]["method"]["quant"]["group"]
+    # an encoded element: `bits` of code + fp16 scale and minimum per group (2·16 bits / group); the residual
+    # window is the fp32 share (dtype_fraction). Left over: the int64 (row, head) index of each encoded segment.
+    n_layers, n_kv = len(mem["kept_tokens"]), len(mem["kept_tokens"][0])
+    head_dim = mem["dense_bytes"] // (mem["context_tokens"] * n_layers * n_kv * 2 * mem["dtype_bytes"])
+    index_bits = 2 * 64 / (mem["context_tokens"] * 2 * head_dim)
+    for fixed, frac in zip(mem["fixed_bits"], mem["dtype_fraction"]):
+        assert 0 < frac < 1
+        assert fixed - (bits + 2 * 16 / group) * (1 - frac) == pytest.approx(index_bits, rel=1e-6)
+    # charged as absolute bits on the bf16 target, not scaled by 16/32 (that would equal the kept fraction)
+    assert dep["ratio"]["kv_bytes"] == pytest.approx(_deployment_bytes_ratio(mem, 16), rel=1e-9)
+    assert dep["ratio"]["kv_bytes"] - mem["kept_fraction"] > (bits + 2 * 16 / group) * (1 - max(mem["dtype_fraction"])) / 32
+
+
+def test_latency_projection_of_a_bf16_run_is_unchanged(tmp_path: Path) -> None:
+    # source and target share the dtype: effective bits carry over as they are, with or without the dtype split
+    row = run_config(_cfg("method=lowrank", "ratio=0.5", "dtype=bfloat16", f"results={tmp_path / 'rows.jsonl'}"))
+    mem, dep = row["memory"], row["latency"]["deployment"]
+    assert mem["dtype_bytes"] == 2
+    assert dep["ratio"]["kv_bytes"] == pytest.approx(mem["kept_fraction"], rel=1e-9)
+    assert dep["ratio"]["kv_bytes"] == pytest.approx(_deployment_bytes_ratio(mem, 16), rel=1e-9)
+
+
+def test_layers_row_records_kept_layers_and_memory_only_prefill(tmp_path: Path) -> None:
+    row = run_config(_cfg("method=layers", "ratio=0.5", f"results={tmp_path / 'rows.jsonl'}"))
+    n_layers = len(row["memory"]["kept_tokens"])
+    kept = row["method_state"]["layers"]["kept_layers"]
+    assert len(kept) == row["config"]["eval"]["samples"]  # one list per batch row
+    for layers in kept:
+        assert len(layers) == math.ceil(0.5 * n_layers) and layers == sorted(set(layers))
+        assert all(0 <= i < n_layers for i in layers)
+    assert row["memory"]["prefill_saving"] == "memory-only" and row["memory"]["prefill_skips_kv_layers"] == []
+    lat = row["latency"]
+    assert lat["evaluated"]["prefill_saving"] == lat["deployment"]["prefill_saving"] == "memory-only"
+    # no K/V skipped: the prefill only grows by the declared scoring FLOPs
+    flops = load_hardware(row["config"]["latency"]["hardware"]).flops_bf16
+    extra = row["memory"]["extra_prefill_flops"]
+    assert extra > 0
+    assert lat["evaluated"]["prefill_s"] - lat["evaluated"]["baseline"]["prefill_s"] == pytest.approx(extra / flops)
+
+
+def test_hidden_method_row_has_per_layer_reconstruction_error(tmp_path: Path) -> None:
+    row = run_config(_cfg("method=quant", "method.quant.residual=32", f"results={tmp_path / 'rows.jsonl'}"))
+    errors = row["method_state"]["quant"]["recon_error"]
+    assert sorted(errors, key=int) == [str(i) for i in range(len(row["memory"]["kept_tokens"]))]
+    for err in errors.values():
+        assert 0 < err["k"] < 0.5 and 0 < err["v"] < 0.5  # 4-bit KIVI on random-init K/V
+
+
+def test_row_hides_internal_state(tmp_path: Path) -> None:
+    row = run_config(_cfg("method=lowrank", "ratio=0.5", f"results={tmp_path / 'rows.jsonl'}"))
+    assert "recon_error" in row["method_state"]["lowrank"]
+    assert not [k for k in row["method_state"]["lowrank"] if k.startswith("_")]
+
+
+def test_latency_block_names_the_run_model(tmp_path: Path) -> None:
+    row = run_config(_cfg("method=streaming", "ratio=0.5", f"results={tmp_path / 'rows.jsonl'}"))
+    assert row["latency"]["evaluated"]["model"] == row["model"]["name"] == "tiny-random"
+    assert row["latency"]["deployment"]["projected_from"]["model"] == "tiny-random"

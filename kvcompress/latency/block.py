@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,30 +17,37 @@ DEPLOYMENT_TARGET: dict[str, Any] = {"model": "yi-34b-200k", "context": 50_000, 
 
 def latency_block(model: Any, memory_report: Mapping[str, Any] | None, hardware: str = "a100-80gb",
                   output_tokens: int = 250, target: Mapping[str, Any] | None = None,
-                  efficiency: str = "peak", convention: str = "exact") -> dict[str, Any]:
+                  efficiency: str = "peak", convention: str = "exact",
+                  model_name: str | None = None) -> dict[str, Any]:
     """``{"evaluated": ..., "deployment": ...}`` for one results row.
 
-    ``evaluated``: the model actually run (a ``PretrainedConfig``, preset or path), at the report's context, on
-    ``hardware``, with the cache's own profile (:meth:`CompressionProfile.from_report`; ``None`` = dense).
+    ``evaluated``: the model actually run (a ``PretrainedConfig``, preset or path; shown as ``model_name`` when
+    given, e.g. the run's model name, else the profile's name), at the report's context, on ``hardware``, with the
+    cache's own profile (:meth:`CompressionProfile.from_report`; ``None`` = dense).
     ``deployment``: the run's per-(layer, head) kept fractions and element widths transferred with
     :func:`project` onto ``target`` (default :data:`DEPLOYMENT_TARGET`). Each dict says which it is in
-    ``label`` and states ``projected_from`` for the deployment entry.
+    ``label``, whether its prefill saving is real in ``prefill_saving`` (``"memory-only"`` or ``"skips K/V of
+    layers [...]"``), and the deployment entry states ``projected_from``.
     """
     m = load_model_profile(model)
+    if model_name:
+        m = dataclasses.replace(m, name=str(model_name))
     tgt = {**DEPLOYMENT_TARGET, **(target or {})}
     if memory_report:
         prof = CompressionProfile.from_report(memory_report, m)
         context = int(prof.context_tokens)
     else:
-        prof, context = None, int(tgt["context"])
+        context = int(tgt["context"])
         prof = CompressionProfile.dense(m, context)
     evaluated = estimate(m, hardware, Workload(context, output_tokens), compression=prof, efficiency=efficiency,
                          convention=convention, label="evaluated").to_dict()
+    evaluated["prefill_saving"] = prof.prefill_saving()
     tm = load_model_profile(tgt["model"])
     proj = project(prof, tm, int(tgt["context"]))
     deployment = estimate(tm, tgt["hardware"], Workload(int(tgt["context"]), int(tgt["output_tokens"]),
                                                         tp=int(tgt["tp"])),
                           compression=proj, efficiency=efficiency, convention=convention,
                           label="deployment").to_dict()
+    deployment["prefill_saving"] = proj.prefill_saving()
     deployment["projected_from"] = {"model": m.name, "context": context}
     return {"evaluated": evaluated, "deployment": deployment}

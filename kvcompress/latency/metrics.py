@@ -38,7 +38,8 @@ the efficiency factors (default 1.0 = the paper's theoretical peak), r = KV repl
   reported at the workload's B and at B = concurrency (``capacity_throughput_tok_s``).
 * **tensor parallelism**: compute, bandwidth and PCIe terms divide by N, spare HBM is N·HBM − W, communication is
   free (Fu 2024: "negligible communication overhead"). N must divide n_q, and either divide n_kv (r = 1) or be a
-  multiple of it (each KV head is replicated r = N / n_kv times, as vLLM does for MQA/GQA).
+  multiple of it (each KV head is replicated r = N / n_kv times, as vLLM does for MQA/GQA); an N that neither
+  divides nor is a multiple of n_kv is an error (:func:`kv_replication`).
 
 Units: times in seconds, rates in B/s and FLOP/s, bytes raw; ``*_gib`` = bytes / 2**30. Fu 2024 prints GiB values
 labelled "GB" and truncated (22.888 → "22.8"): see :func:`truncate`.
@@ -154,16 +155,20 @@ class LatencyReport:
 
 
 def kv_replication(model: ModelProfile, tp: int) -> int:
-    """r = 1 when N divides n_kv, N / n_kv when N is a multiple of n_kv (KV heads replicated); N must divide n_q."""
+    """KV replication r under N-way tensor parallelism (vLLM's rule for GQA/MQA).
+
+    N must divide the query heads n_q. If N also divides the KV heads n_kv, each GPU holds n_kv / N of them (r = 1);
+    if N is a multiple of n_kv, each KV head is replicated on N / n_kv GPUs (r = N / n_kv: more KV bytes in total,
+    as vLLM does). An N that neither divides nor is a multiple of n_kv (or does not divide n_q) is an error."""
     nq, nkv = model.num_q_heads, model.num_kv_heads
     if nq % tp == 0 and nkv % tp == 0:
         return 1
     if nq % tp == 0 and tp % nkv == 0:
         return tp // nkv
     valid = [d for d in _divisors(nq) if nkv % d == 0 or d % nkv == 0]
-    raise KVCompressError(f"tp={tp} does not fit {model.name} ({nq} query heads, {nkv} KV heads); valid: "
-                          f"{', '.join(map(str, valid))} (divide the query heads; divide the KV heads or "
-                          "replicate them)")
+    raise KVCompressError(f"tp={tp} does not fit {model.name} ({nq} query heads, {nkv} KV heads): tp must divide "
+                          f"the query heads and either divide the KV heads or be a multiple of them (each KV head "
+                          f"then replicated tp/{nkv} times, as vLLM does); valid: {', '.join(map(str, valid))}")
 
 
 def _divisors(n: int) -> list[int]:

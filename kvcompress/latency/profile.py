@@ -10,6 +10,14 @@ head (default head_dim), ``metadata_bytes_per_token[l]`` the scales/zero points 
 entry, K and V together. A layer listed in ``shared_layers`` (layer → the layer whose KV it reuses) stores nothing.
 So ``KV bytes = Σ_{l not shared} Σ_h kept_tokens[l][h] · entry_bytes(l)``.
 
+Optionally the element width is split by storage dtype (what :meth:`KVCompressCache.memory_report` gives)::
+
+    key_bits[l] = value_bits[l] = fixed_bits[l] + dtype_fraction[l] · 8 · dtype_bytes
+
+``dtype_fraction`` = elements held in the cache's own dtype per kept element (full-precision tokens, low-rank
+coefficients: they scale with the dtype), ``fixed_bits`` = bits held in other dtypes per kept element (integer
+codes, float16 quantization scales/minima, integer indices: fixed whatever the dtype). :func:`project` uses it.
+
 Per-axis kept fractions (:meth:`CompressionProfile.kept_fractions`) telescope exactly to the byte fraction. With
 ``cap_l`` = tokens a dense layer holds (n, or min(n, window)) and ``b0 = 2·d_h·dtype_bytes``::
 
@@ -58,6 +66,8 @@ class CompressionProfile:
     key_dim: list[float] = field(default_factory=list)
     value_dim: list[float] = field(default_factory=list)
     metadata_bytes_per_token: list[float] = field(default_factory=list)
+    fixed_bits: list[float] = field(default_factory=list)  #: [] = no dtype split known (module docstring)
+    dtype_fraction: list[float] = field(default_factory=list)
     shared_layers: dict[int, int] = field(default_factory=dict)
     extra_prefill_flops: float = 0.0
     prefill_skips_kv_layers: tuple[int, ...] = ()
@@ -85,6 +95,28 @@ class CompressionProfile:
             rows.append(row)
         self.kept_tokens = rows
         bits = 8 * self.dtype_bytes
+        has_split = [not (v is None or (isinstance(v, (list, tuple)) and not v))
+                     for v in (self.fixed_bits, self.dtype_fraction)]
+        if has_split[0] != has_split[1]:
+            raise KVCompressError("fixed_bits and dtype_fraction must be given together; valid: both or neither")
+        if not has_split[0]:
+            self.fixed_bits, self.dtype_fraction = [], []
+        else:
+            self.fixed_bits = _per_layer(self.fixed_bits, n_layers, 0.0, "fixed_bits")
+            self.dtype_fraction = _per_layer(self.dtype_fraction, n_layers, 1.0, "dtype_fraction")
+            if any(not (x >= 0) for x in self.fixed_bits + self.dtype_fraction):
+                raise KVCompressError(f"fixed_bits={self.fixed_bits} / dtype_fraction={self.dtype_fraction} have a "
+                                      "negative or NaN entry; valid: numbers >= 0")
+            split = [f + d * bits for f, d in zip(self.fixed_bits, self.dtype_fraction)]
+            for key in ("key_bits", "value_bits"):
+                given = getattr(self, key)
+                if given is None or (isinstance(given, (list, tuple)) and not given):
+                    setattr(self, key, list(split))
+                    continue
+                for i, (g, want) in enumerate(zip(_per_layer(given, n_layers, bits, key), split)):
+                    if not math.isclose(g, want, rel_tol=1e-6, abs_tol=1e-9):
+                        raise KVCompressError(f"{key}[{i}]={g} differs from fixed_bits + dtype_fraction·{bits} = "
+                                              f"{want}; valid: consistent values (or omit {key})")
         self.key_bits = _per_layer(self.key_bits or None, n_layers, bits, "key_bits")
         self.value_bits = _per_layer(self.value_bits or None, n_layers, bits, "value_bits")
         self.key_dim = _per_layer(self.key_dim or None, n_layers, m.head_dim, "key_dim")
@@ -152,6 +184,12 @@ class CompressionProfile:
         rows = [[k * nc / c if c else 0.0 for k in row] for row, nc, c in zip(self.kept_tokens, new_cap, cap)]
         return dataclasses.replace(self, context_tokens=context, kept_tokens=rows)
 
+    def prefill_saving(self) -> str:
+        """What the prefill saves: ``"memory-only"`` (every layer's K/V is still computed) or ``"skips K/V of layers
+        [...]"`` (those layers' K/V projections are not computed; the prefill term subtracts their FLOPs)."""
+        skips = sorted(set(self.prefill_skips_kv_layers))
+        return f"skips K/V of layers {skips}" if skips else "memory-only"
+
     # ---- constructors ------------------------------------------------------------------------------------
     @classmethod
     def dense(cls, model_profile: ModelProfile, context: int) -> CompressionProfile:
@@ -217,15 +255,16 @@ class CompressionProfile:
         """From the plain dict a compressed cache reports (keys named as the fields; scalars broadcast per layer).
 
         Required: ``kept_tokens`` (list of per-layer lists of per-KV-head floats), ``context_tokens``. Optional:
-        ``dtype_bytes`` (default the model's), ``key_bits``, ``value_bits``, ``key_dim``, ``value_dim``,
-        ``metadata_bytes_per_token``, ``shared_layers`` (JSON string keys accepted), ``extra_prefill_flops``,
-        ``prefill_skips_kv_layers``.
+        ``dtype_bytes`` (default the model's), ``key_bits``, ``value_bits``, ``fixed_bits`` + ``dtype_fraction``
+        (the dtype split of the bits, module docstring), ``key_dim``, ``value_dim``, ``metadata_bytes_per_token``,
+        ``shared_layers`` (JSON string keys accepted), ``extra_prefill_flops``, ``prefill_skips_kv_layers``.
         """
         for key in ("kept_tokens", "context_tokens"):
             if report.get(key) is None:
                 raise KVCompressError(f"compression report lacks {key!r}; valid keys: kept_tokens, context_tokens, "
-                                      "dtype_bytes, key_bits, value_bits, key_dim, value_dim, "
-                                      "metadata_bytes_per_token, shared_layers, extra_prefill_flops")
+                                      "dtype_bytes, key_bits, value_bits, fixed_bits, dtype_fraction, key_dim, "
+                                      "value_dim, metadata_bytes_per_token, shared_layers, extra_prefill_flops, "
+                                      "prefill_skips_kv_layers")
         n = model_profile.num_layers
         return cls(
             model_profile, report["context_tokens"], [list(r) for r in report["kept_tokens"]],
@@ -234,6 +273,8 @@ class CompressionProfile:
             value_bits=_opt(report.get("value_bits"), n, "value_bits"),
             key_dim=_opt(report.get("key_dim"), n, "key_dim"), value_dim=_opt(report.get("value_dim"), n, "value_dim"),
             metadata_bytes_per_token=_opt(report.get("metadata_bytes_per_token"), n, "metadata_bytes_per_token"),
+            fixed_bits=_opt(report.get("fixed_bits"), n, "fixed_bits"),
+            dtype_fraction=_opt(report.get("dtype_fraction"), n, "dtype_fraction"),
             shared_layers=dict(report.get("shared_layers") or {}),
             extra_prefill_flops=float(report.get("extra_prefill_flops") or 0.0),
             prefill_skips_kv_layers=tuple(report.get("prefill_skips_kv_layers") or ()),
@@ -259,8 +300,11 @@ def project(profile: CompressionProfile, target_model_profile: ModelProfile, tar
     * target layer j reads source layer i = ⌊(j + ½)·L_s / L_t⌋, target KV head h reads source head
       ⌊(h + ½)·H_s / H_t⌋;
     * token fraction kept_s[i][h_s] / cap_s(i) (clipped to [0, 1]) times the target's cap_t(j, target_context);
-    * element widths: a source width ≥ its dtype width means "not quantised" and becomes the target dtype width;
-      a narrower width (a quantised cache) is kept as is; kept dims scale with d_h,t / d_h,s, and so does the
+    * element widths: with a dtype split (``fixed_bits``/``dtype_fraction``, what a cache reports), the target
+      width is ``fixed_bits[i] + dtype_fraction[i] · 8 · target dtype_bytes``: bits held in the cache's own dtype
+      scale with the target dtype, integer codes, float16 scales and indices keep their absolute bits. Without a
+      split: a source width ≥ its dtype width means "not quantised" and becomes the target dtype width; a
+      narrower width (a quantised cache) is kept as is. Kept dims scale with d_h,t / d_h,s, and so does the
       per-entry metadata (it is per group of channels);
     * layer j is shared iff layer i is shared and an earlier target layer is stored (it then reuses the latest
       stored one); layer j skips its prefill K/V projection iff layer i does;
@@ -273,15 +317,21 @@ def project(profile: CompressionProfile, target_model_profile: ModelProfile, tar
     cap_s, cap_t = profile.capacity(), tgt.layer_tokens(target_context)
     src_bits, tgt_bits, dim_scale = 8 * profile.dtype_bytes, 8 * tgt.dtype_bytes, tgt.head_dim / src.head_dim
     layer_of = [min(ls - 1, math.floor((j + 0.5) * ls / lt)) for j in range(lt)]
-    rows, kb, vb, kd, vd, meta = [], [], [], [], [], []
+    rows, kb, vb, kd, vd, meta, fixed, frac_t = [], [], [], [], [], [], [], []
     shared: dict[int, int] = {}
     last_stored: int | None = None
     for j, i in enumerate(layer_of):
         frac = [min(1.0, profile.kept_tokens[i][min(hs - 1, math.floor((h + 0.5) * hs / ht))] / cap_s[i])
                 if cap_s[i] else 0.0 for h in range(ht)]
         rows.append([f * cap_t[j] for f in frac])
-        kb.append(tgt_bits if profile.key_bits[i] >= src_bits else profile.key_bits[i])
-        vb.append(tgt_bits if profile.value_bits[i] >= src_bits else profile.value_bits[i])
+        if profile.fixed_bits:
+            fixed.append(profile.fixed_bits[i])
+            frac_t.append(profile.dtype_fraction[i])
+            kb.append(fixed[-1] + frac_t[-1] * tgt_bits)
+            vb.append(kb[-1])
+        else:
+            kb.append(tgt_bits if profile.key_bits[i] >= src_bits else profile.key_bits[i])
+            vb.append(tgt_bits if profile.value_bits[i] >= src_bits else profile.value_bits[i])
         kd.append(profile.key_dim[i] * dim_scale)
         vd.append(profile.value_dim[i] * dim_scale)
         meta.append(profile.metadata_bytes_per_token[i] * dim_scale)
@@ -294,6 +344,6 @@ def project(profile: CompressionProfile, target_model_profile: ModelProfile, tar
     dense_tgt = 2 * tgt.params_active * target_context + tgt.attention_flops(target_context)
     extra = profile.extra_prefill_flops * dense_tgt / dense_src
     return CompressionProfile(tgt, target_context, rows, dtype_bytes=tgt.dtype_bytes, key_bits=kb, value_bits=vb,
-                              key_dim=kd, value_dim=vd, metadata_bytes_per_token=meta, shared_layers=shared,
-                              extra_prefill_flops=extra, prefill_skips_kv_layers=skips,
+                              key_dim=kd, value_dim=vd, metadata_bytes_per_token=meta, fixed_bits=fixed,
+                              dtype_fraction=frac_t, shared_layers=shared, extra_prefill_flops=extra, prefill_skips_kv_layers=skips,
                               name=f"{profile.name}->{tgt.name}")

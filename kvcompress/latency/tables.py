@@ -17,12 +17,13 @@ from typing import Any
 import yaml
 
 from .hardware import list_hardware, load_hardware
-from .metrics import Workload, estimate, truncate
+from .metrics import Workload, estimate, kv_replication, truncate
 from .model_profile import load_model_profile
 from .profile import CompressionProfile
 
 MODEL, HARDWARE, N_OUT = "yi-34b-200k", "a100-80gb", 250
 CONTEXTS = (4_000, 50_000, 100_000, 200_000, 1_000_000)
+TP_DEGREES = (1, 2, 4, 8)
 
 
 @dataclass
@@ -93,16 +94,22 @@ def context_table() -> Table:
                   "formula only, its PCIe figure is unknown."])
 
 
-def tp_table(n: int = 50_000) -> Table:
+def tp_table(contexts: Sequence[int] = CONTEXTS, gpus: Sequence[int] = TP_DEGREES) -> Table:
+    """Users, prefill, decode and switch for every context × TP degree (`paper` convention)."""
     rows = []
-    for tp in (1, 2, 4, 8):
-        r = estimate(MODEL, HARDWARE, Workload(n, N_OUT, tp=tp), convention="paper")
-        rows.append([str(tp), _f(r.users_fit, 2), str(r.concurrency), _f(r.prefill_s, 2), _f(r.decode_s, 2),
-                     _f(r.context_switch_s, 3)])
-    return Table(f"Tensor parallelism at {n:,} tokens (`paper` convention)",
-                 ["GPUs", "users (float)", "users", "prefill s", "decode s", "switch s"], rows,
-                 ["Compute, HBM bandwidth and PCIe divide by N; spare HBM is N·80 − 68; communication is free "
-                  "(Fu 2024: 'negligible communication overhead')."])
+    for n in contexts:
+        for tp in gpus:
+            r = estimate(MODEL, HARDWARE, Workload(n, N_OUT, tp=tp), convention="paper")
+            rows.append([f"{n:,}", str(tp), _f(r.users_fit, 2), str(r.concurrency), _f(r.prefill_s, 2),
+                         _f(r.decode_s, 2), _f(r.context_switch_s, 3)])
+    yi = load_model_profile(MODEL)
+    replicated = [f"N = {tp}: ×{kv_replication(yi, tp)}" for tp in gpus if kv_replication(yi, tp) > 1]
+    kv_note = (f"KV heads replicated ({', '.join(replicated)})" if replicated
+               else f"the {yi.num_kv_heads} KV heads divide every N here, so none is replicated")
+    return Table("Tensor parallelism (`paper` convention)",
+                 ["context", "GPUs", "users (float)", "users", "prefill s", "decode s", "switch s"], rows,
+                 [("Compute, HBM bandwidth and PCIe divide by N; spare HBM is N·80 − 68; communication is free "
+                   f"(Fu 2024: 'negligible communication overhead'); {kv_note}.")])
 
 
 def attention_table() -> Table:
