@@ -19,13 +19,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cache import _ACTIVE, KVCompressCache, active_layer
-from .compressor import AXIS_ORDER, Compressor, make_compressor
+from .compressor import AXIS_ORDER, Compressor, check_ratio_or_budget, make_compressor
 from .errors import KVCompressError, check_positive_int, check_ratio, unknown_choice
 
 ATTENTION_NAME = "kvcompress"
 
 #: ``config.model_type`` values whose attention follows the update-then-attend flow we rely on (tested with tiny
-#: random configs of each in tests/test_architectures.py).
+#: random configs of each in tests/test_equivalence.py and tests/test_streaming.py, from tests/tiny_models.py).
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 
 
@@ -104,11 +104,15 @@ def build_pipeline(
     """Turn ``"a+b"``, ``["a", "b"]`` or compressor instances into an ordered, validated pipeline.
 
     * ``ratio`` / ``budget`` are defaults for every named method that has such a field; ``params[name]`` overrides.
+      They are alternatives: giving both (here, or a method receiving both from here and ``params``) is an error;
+      to give a composition's methods different ones, use ``params`` (``{"layers": {"ratio": 0.5},
+      "snapkv": {"budget": 128}}``).
     * Axes apply in the order layer → head → token → hidden; each later compressor works on what the earlier ones
       kept and scores the current tensors. ``full`` alone means no compression and cannot be composed.
     * Two compressors on the same axis have no rule that combines them, so that is rejected.
     """
     params = dict(params or {})
+    check_ratio_or_budget(ratio, budget)
     if ratio is not None:
         ratio = check_ratio(ratio)
     if budget is not None:
@@ -176,7 +180,8 @@ def compress(
     >>> cache = kvcompress.compress(model, "streaming", ratio=0.1)
     >>> model.generate(**inputs, cache=cache)  # ``past_key_values=cache`` before transformers 5.24
 
-    ``ratio`` is the fraction KEPT along each method's axis (kvpress's ``compression_ratio`` is the fraction removed).
+    ``ratio`` is the fraction KEPT along each method's axis (kvpress's ``compression_ratio`` is the fraction removed);
+    ``budget`` is a number of tokens kept per (row, KV head) instead. Give one of them, not both.
     Extra keyword arguments are the parameters of a single method (``sink=4``); for a composition pass
     ``params={"streaming": {"sink": 4}}``. ``trace=True`` records the logical positions of kept entries
     (diagnostics for tests and plots; not counted as cache memory).

@@ -267,6 +267,7 @@ def make_compressor(name: str, **params: Any) -> Compressor:
     if unknown:
         valid = ", ".join(sorted(fields)) or "(none)"
         raise KVCompressError(f"unknown parameter {unknown[0]!r} for method {name!r}; valid: {valid}")
+    check_ratio_or_budget(params.get("ratio"), params.get("budget"), name)
     return cls(**params)
 
 
@@ -274,10 +275,30 @@ def make_compressor(name: str, **params: Any) -> Compressor:
 # Budgets and top-k selection shared by the selection methods
 
 
+def check_ratio_or_budget(ratio: float | None, budget: int | None, method: str | None = None) -> None:
+    """``ratio`` (fraction kept) and ``budget`` (tokens kept) are alternatives: giving both explicitly is an error,
+    never a silent choice (a results row would record the ratio while the budget decided what was kept)."""
+    if ratio is not None and budget is not None:
+        where = f" for method {method!r}" if method else ""
+        raise KVCompressError(
+            f"ratio={ratio!r} and budget={budget!r} are both given{where}; "
+            "valid: one of them, ratio (fraction kept) or budget (tokens kept)"
+        )
+
+
+def check_budget_fields(comp: Compressor) -> None:
+    """The same rule for a constructed compressor, where an unset ratio reads as its default 1.0: a budget together
+    with any other ratio is rejected."""
+    ratio = getattr(comp, "ratio", 1.0)
+    check_ratio_or_budget(None if ratio == 1.0 else ratio, getattr(comp, "budget", None), comp.name)
+
+
 def kept_counts(n_valid: torch.Tensor, ratio: float = 1.0, budget: int | None = None) -> torch.Tensor:
     """Entries to keep per (row, head): ``min(budget, n)`` if a budget is given, else ``clamp(round(ratio·n), 1, n)``.
 
     Never empties a non-empty head, never exceeds what is there (a budget larger than the context keeps everything).
+    ``ratio`` and ``budget`` are alternatives: :func:`make_compressor`, :func:`~kvcompress.build_pipeline` and the
+    methods' constructors reject both (:func:`check_ratio_or_budget`), so the precedence here is never a choice.
     """
     if budget is not None:
         return torch.minimum(n_valid, torch.full_like(n_valid, budget))

@@ -12,7 +12,10 @@ A scorer subclasses :class:`ScoredTokenCompressor` and implements ``score(view, 
   layer's KV heads, with a safeguard: each head first keeps its top ``floor·budget`` (α = 0.2 as in AdaKV). The cache
   stores the resulting per-head counts ragged (real savings, exact ``kept_bytes``). Scores must then be comparable
   across heads, which holds for attention probabilities and key norms.
-* **Ties** go to the earlier position (stable sort); in the AdaKV global top-k, to the lower head first.
+* **Ratio or budget**, not both: a budget with a ratio other than the default is rejected at construction.
+* **Ties**: among entries with equal scores the lowest position (the row's earliest token) is kept first, for every
+  scorer here (:func:`~kvcompress.compressor.topk_mask` is a stable descending sort over entries in position order);
+  in the AdaKV global top-k, the lower head first, then the lower position.
 * **GQA**: scores of the ``g`` query heads of a group are reduced to their KV head by ``gqa="mean"`` (default, as
   kvpress and AdaKV) or ``"max"``; storage is always per KV head, never per query head.
 * **Rows** are scored from their own valid entries only: invalid keys are −inf before every softmax, queries of
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .compat import cache_arg
-from .compressor import Axis, CompressionContext, Compressor, LayerView, kept_counts, topk_mask
+from .compressor import Axis, CompressionContext, Compressor, LayerView, check_budget_fields, kept_counts, topk_mask
 from .errors import KVCompressError, check_non_negative_int, unknown_choice
 
 ALLOCATIONS = ("uniform", "adakv")
@@ -230,6 +233,7 @@ class ScoredTokenCompressor(Compressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_budget_fields(self)
         check_non_negative_int(self.sink, "sink")
         check_non_negative_int(self.window, "window")
         if self.allocation not in ALLOCATIONS:

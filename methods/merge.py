@@ -25,7 +25,15 @@ from typing import Any
 
 import torch
 
-from kvcompress.compressor import Axis, CompressionContext, Compressor, LayerView, make_compressor, register
+from kvcompress.compressor import (
+    Axis,
+    CompressionContext,
+    Compressor,
+    LayerView,
+    check_budget_fields,
+    make_compressor,
+    register,
+)
 from kvcompress.errors import KVCompressError, check_positive_int, unknown_choice
 from kvcompress.scoring import ScoredTokenCompressor
 
@@ -74,10 +82,12 @@ class Merge(Compressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_budget_fields(self)
         if isinstance(self.scorer, str):
             if self.scorer not in SCORERS:
                 raise unknown_choice("scorer", self.scorer, SCORERS)
-            params = {"ratio": self.ratio, "budget": self.budget, **(self.scorer_params or {})}
+            size = {"budget": self.budget} if self.budget is not None else {"ratio": self.ratio}
+            params = {**size, **(self.scorer_params or {})}
             self._inner = make_compressor(self.scorer, **params)
         elif isinstance(self.scorer, ScoredTokenCompressor):
             self._inner = self.scorer

@@ -1,6 +1,6 @@
 """``random`` — keep a seeded uniform random subset of each row's tokens (the control every scorer must beat).
 
-Each (layer, KV head, row) keeps ``clamp(round(ratio·n), 1, n)`` of its ``n`` real tokens (or ``budget``),
+Each (layer, KV head, row) keeps ``clamp(round(ratio·n), 1, n)`` of its ``n`` real tokens (or ``budget``; not both),
 chosen by a counter-based hash of ``(seed, layer, head, rank of the token in its row)``. The draw therefore does
 not depend on the batch a row is in, on its padding, or on the other rows. Heads choose independently.
 
@@ -18,6 +18,7 @@ from kvcompress.compressor import (
     CompressionContext,
     Compressor,
     LayerView,
+    check_budget_fields,
     counter_hash,
     kept_counts,
     register,
@@ -34,6 +35,10 @@ class Random(Compressor):
     ratio: float = 1.0
     budget: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_budget_fields(self)
 
     def select(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
         heads = torch.arange(view.valid.shape[1]).view(1, -1, 1)

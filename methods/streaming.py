@@ -8,11 +8,15 @@ Defaults and choices:
 
 * ``sink=4`` (the paper's ablation: four sinks suffice; its perplexity script uses 1).
 * ``window`` — if not given, derived from the kept fraction: ``window = kept − sink`` with
-  ``kept = clamp(round(ratio·n), 1, n)`` per row (``n`` = the row's real prompt tokens), or ``budget − sink``.
-  An explicit ``window`` wins over ``ratio``; a window larger than the context is an error.
+  ``kept = clamp(round(ratio·n), 1, n)`` per row (``n`` = the row's real prompt tokens), or ``budget − sink``
+  (``ratio`` or ``budget``, not both). An explicit ``window`` wins over ``ratio``.
+* A window larger than a row's context is an error, checked for **every row** of a batch (a row's context is the
+  most entries any of its KV heads holds in the layer): a prompt that fails alone also fails inside a batch, and a
+  batch that passes keeps for each row exactly what that row keeps alone.
 * ``phase="prefill"`` compresses once after the prompt and appends decoded tokens (as kvpress does).
-  ``phase="decode"`` also evicts during generation, holding every row at exactly ``sink + window`` entries as the
-  original StreamingLLM cache does.
+  ``phase="decode"`` also evicts during generation, as the original StreamingLLM cache does: every row is held at
+  ``sink + window`` entries (with ``window``), at ``budget`` (with ``budget``; a shorter prompt grows to it first), or
+  at its prefill size (with ``ratio``).
 * No position re-shift: kept keys keep their original RoPE rotation (the paper's pos-shift variant re-rotates
   pre-RoPE keys to cache positions; not implemented).
 * Sinks and window are counted in each row's real tokens (left padding is never kept), per KV head; all heads
@@ -30,6 +34,7 @@ from kvcompress.compressor import (
     CompressionContext,
     Compressor,
     LayerView,
+    check_budget_fields,
     kept_counts,
     register,
     sink_and_recent_mask,
@@ -52,6 +57,7 @@ class Streaming(Compressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_budget_fields(self)
         check_non_negative_int(self.sink, "sink")
         if self.window is not None:
             check_non_negative_int(self.window, "window")
@@ -69,14 +75,23 @@ class Streaming(Compressor):
                 kept = ctx.state["kept"] = n - 1
             return sink_and_recent_mask(view, self.sink, torch.minimum(kept, n))
         if self.window is not None:
-            longest = int(n.max())
-            if self.window > longest:
-                raise KVCompressError(
-                    f"window={self.window} is larger than the context ({longest} tokens); valid: 0 <= window <= {longest}"
-                )
+            self.check_window(n)
             kept = torch.minimum(n, torch.full_like(n, self.sink + self.window))
         else:
             kept = torch.maximum(kept_counts(n, self.ratio, self.budget), torch.minimum(n, torch.full_like(n, self.sink)))
         if self.phase == "decode":
-            ctx.state["kept"] = kept  # the size to hold while generating (counted as cache metadata)
+            # the size to hold while generating (counted as cache metadata): fixed, or the prefill size with a ratio
+            fixed = self.sink + self.window if self.window is not None else self.budget
+            ctx.state["kept"] = kept if fixed is None else torch.full_like(kept, max(fixed, self.sink))
         return sink_and_recent_mask(view, self.sink, kept)
+
+    def check_window(self, counts: torch.Tensor) -> None:
+        """Reject a window larger than any row's context (``counts``: entries per (row, KV head))."""
+        context = counts.amax(1)  # per row
+        short = (context < self.window).nonzero().flatten().tolist()
+        if short:
+            row = short[0]
+            raise KVCompressError(
+                f"window={self.window} is larger than the context of batch row {row} ({int(context[row])} tokens); "
+                f"valid: 0 <= window <= {int(context.min())} (the shortest row's context)"
+            )

@@ -197,3 +197,30 @@ def test_codec_rows_of_a_batch_are_encoded_as_alone_through_decode_flushes() -> 
         assert batch.sequences[i, width : width + n].tolist() == alone.sequences[0, len(row) : len(row) + n].tolist()
         for step in range(n):
             torch.testing.assert_close(batch.logits[step][i], alone.logits[step][0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spelling", [["streaming", "layers"], "streaming+layers"])
+def test_out_of_order_composition_applies_layer_then_token(spelling) -> None:
+    """A token-then-layer spelling is run in axis order (layer → head → token → hidden): the same pipeline and kept
+    sets as the in-order spelling, and not what running it as written would keep."""
+    from kvcompress.cache import KVCompressCache
+
+    model = tiny_model("llama")
+    ids = prompts((48,))[0].view(1, -1)
+    params = {"layers": {"score": "last", "window": 12}}
+
+    def kept(cache) -> list[list[list[int]]]:
+        with torch.no_grad():
+            model(ids, **cache_arg(cache))
+        return [cache.kept_positions(layer) for layer in range(model.config.num_hidden_layers)]
+
+    ours = kvcompress.compress(model, spelling, ratio=0.5, params=params, trace=True)
+    in_order = kvcompress.compress(model, ["layers", "streaming"], ratio=0.5, params=params, trace=True)
+    assert [c.name for c in ours.compressors] == ["layers", "streaming"]
+    expected = kept(in_order)
+    assert kept(ours) == expected
+    # layer 0 is windowed to 4 sinks + 12 recent, then streaming keeps half of those 16: 4 sinks + 4 recent;
+    # layer 1 (kept whole by `layers`) keeps half of the 48: 4 sinks + 20 recent
+    assert expected == [[[0, 1, 2, 3, 44, 45, 46, 47]] * 2, [[0, 1, 2, 3, *range(28, 48)]] * 2]
+    as_written = KVCompressCache(model.config, list(reversed(in_order.compressors)), trace=True)
+    assert kept(as_written)[0] == [[0, 1, 2, 3, *range(36, 48)]] * 2  # token first: 24 kept, then windowed to 16

@@ -50,3 +50,26 @@ def test_manual_loop_compressed_matches_generate() -> None:
     assert gen.sequences[0, 50:-1].tolist() == tokens
     for a, b in zip(logits, gen.logits):
         torch.testing.assert_close(a, b[0], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_decode_appends_in_place_while_the_compressed_buffer_has_room() -> None:
+    """After a compression the layer's buffer is exact-size; the first decode step regrows it with headroom, and the
+    next steps write into that spare capacity: same storage (data_ptr) until it is full, then one regrow."""
+    model = tiny_model("llama")
+    cache = kvcompress.compress(model, "streaming", ratio=0.5)
+    out = model(prompts((1030,))[0].view(1, -1), **cache_arg(cache))  # 515 kept: headroom of a few slots
+    layer = cache.layers[0]
+    assert not layer.pristine and not layer.segments and layer.length == 515
+    reused = regrown = 0
+    for _ in range(12):
+        ptrs, capacity, length = (layer.keys.data_ptr(), layer.values.data_ptr()), layer.keys.shape[-2], layer.length
+        out = model(out.logits[:, -1:].argmax(-1), **cache_arg(cache))
+        assert layer.length == length + 1
+        if length < capacity:  # room left: written in place, no copy of the layer
+            assert (layer.keys.data_ptr(), layer.values.data_ptr()) == ptrs and layer.keys.shape[-2] == capacity
+            reused += 1
+        else:  # full: one copy into a larger buffer with spare capacity
+            assert (layer.keys.data_ptr(), layer.values.data_ptr()) != ptrs and layer.keys.shape[-2] > layer.length
+            regrown += 1
+    assert reused >= 6 and regrown >= 2

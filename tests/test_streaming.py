@@ -5,23 +5,39 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import masked_reference_logits
-from tiny_models import ARCHITECTURES, prompts, tiny_model
+from tiny_models import ARCHITECTURES, left_pad, prompts, tiny_model
 
 import kvcompress
 from kvcompress.compat import cache_arg
 
 
-def _greedy(model, prompt, cache, steps=8):
+def _generate(model, rows, cache, steps=8) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Greedy generation for a left-padded batch: per row, its new tokens and its logits at each step."""
+    ids, mask = left_pad(rows)
     with torch.no_grad():
         out = model.generate(
-            prompt.view(1, -1),
+            ids,
+            attention_mask=mask,
             max_new_tokens=steps,
             do_sample=False,
             **cache_arg(cache),
             output_logits=True,
             return_dict_in_generate=True,
         )
-    return out.sequences[0, prompt.numel() :].tolist(), [x[0] for x in out.logits]
+    width = ids.shape[1]
+    tokens = [out.sequences[i, width:].tolist() for i in range(len(rows))]
+    return tokens, [[step[i] for step in out.logits] for i in range(len(rows))]
+
+
+def _greedy(model, prompt, cache, steps=8):
+    tokens, logits = _generate(model, [prompt], cache, steps)
+    return tokens[0], logits[0]
+
+
+def _kept_in_row(cache, row: int, pad: int) -> list[list[list[int]]]:
+    """Kept positions per layer and KV head, counted from the row's first real token."""
+    layers = range(len(cache.layers))
+    return [[[p - pad for p in head] for head in cache.kept_positions(layer, row)] for layer in layers]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -66,3 +82,31 @@ def test_streaming_window_parameter_wins_over_ratio() -> None:
     cache = kvcompress.compress(model, "streaming", ratio=0.9, sink=1, window=5, trace=True)
     _greedy(model, prompts((30,))[0], cache, steps=2)
     assert cache.kept_positions(0)[0] == [0, 25, 26, 27, 28, 29, 30]
+
+
+@pytest.mark.parametrize(
+    ("kw", "held"),
+    [
+        (dict(budget=12, sink=2), None),
+        (dict(budget=12, sink=2, phase="decode"), lambda n: 12),  # a shorter prompt (8 tokens) grows to the budget
+        (dict(ratio=0.3, phase="decode"), lambda n: max(round(0.3 * n), 4)),  # its prefill size, at least the sinks
+        (dict(window=6, sink=2, phase="decode"), lambda n: 8),
+        (dict(window=6, sink=2), None),
+    ],
+)
+def test_streaming_rows_of_a_padded_batch_equal_their_batch_one_runs(kw: dict, held) -> None:
+    """Budget, window and decode modes decide per row: tokens, logits and kept positions as alone."""
+    model = tiny_model("llama")
+    rows = prompts((37, 8, 23))
+    width = max(len(r) for r in rows)
+    cache = kvcompress.compress(model, "streaming", trace=True, **kw)
+    tokens, logits = _generate(model, rows, cache, steps=7)
+    for i, row in enumerate(rows):
+        alone = kvcompress.compress(model, "streaming", trace=True, **kw)
+        alone_tokens, alone_logits = _generate(model, [row], alone, steps=7)
+        assert tokens[i] == alone_tokens[0], f"row {i} differs from its batch-1 run"
+        for ours, ref in zip(logits[i], alone_logits[0]):
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+        assert _kept_in_row(cache, i, width - len(row)) == _kept_in_row(alone, 0, 0)
+        if held is not None:  # decode mode: 6 fed tokens later every (layer, head) holds its fixed size
+            assert [layer.kept_tokens()[i].tolist() for layer in cache.layers] == [[float(held(len(row)))] * 2] * 2

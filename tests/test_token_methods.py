@@ -1,8 +1,12 @@
 """Token scorers against direct, readable reference computations of their papers' definitions (exact kept sets).
 
 Inputs are random tensors in a left-padded batch with GQA (4 query heads, 2 KV heads), odd row lengths, a row
-shorter than the observation window, budgets larger than the context, and ties. References loop over rows, heads
-and tokens on the row's real entries only.
+shorter than the observation window, budgets larger than the context (every row, or some rows of the batch), and
+ties. References loop over rows, heads and tokens on the row's real entries only.
+
+Tie rule (every scorer): among entries with equal scores the lowest position wins, i.e. the row's earliest tokens
+are kept first (the code's stable sort; the references' ``(-score, position)`` order). Each scorer is checked on a
+row whose scores tie exactly, in float32 and float64 alike.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -35,20 +40,39 @@ def _config() -> LlamaConfig:
                        num_hidden_layers=4, intermediate_size=16, vocab_size=32, max_position_embeddings=4096)
 
 
-def _batch(lengths=LENGTHS, seed=0, ties=False):
+def _batch(lengths: tuple[int, ...] = LENGTHS, seed: int = 0, ties: bool = False) -> tuple[LayerView, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     n = max(lengths)
     b = len(lengths)
     keys = torch.randn(b, H, n, D, generator=g)
     values = torch.randn(b, H, n, D, generator=g)
     query = torch.randn(b, HQ, n, D, generator=g)
-    if ties:  # row 0: every key and query identical -> every attention score ties
+    if ties:  # row 0: every key, value and query identical -> every score of a single query's attention ties
         keys[0] = keys[0, :, :1]
+        values[0] = values[0, :, :1]
         query[0] = query[0, :, :1]
     valid = torch.zeros(b, H, n, dtype=torch.bool)
     for i, length in enumerate(lengths):
         valid[i, :, n - length:] = True
     return LayerView(keys, values, valid), query
+
+
+LIVE_EVERY = 5  # _h2o_tie_batch: row 0's live keys
+
+
+def _h2o_tie_batch() -> tuple[LayerView, torch.Tensor]:
+    """Ties for accumulated attention. With identical keys a causal column sum still decreases with the position, so
+    row 0 instead gets one query vector q everywhere, zero keys at row positions 0, 5, 10, ... (logit 0) and keys
+    ``-1e4·q/|q|²`` elsewhere (logit ≈ −3500: exp is exactly 0 in float32 and float64). Every query sees the live key
+    0, so every dead key's accumulated attention is exactly 0: 29 of the row's 37 entries tie."""
+    view, query = _batch()
+    pad = view.valid.shape[-1] - LENGTHS[0]
+    q = query[0, 0, -1].clone()
+    query[0] = q
+    positions = torch.arange(view.valid.shape[-1]) - pad
+    dead = positions % LIVE_EVERY != 0
+    view.keys[0] = torch.where(dead[:, None], -1e4 * q / q.dot(q), torch.zeros(D))
+    return view, query
 
 
 def _ctx(view, query, layer=0, layers=4, module=None):
@@ -187,6 +211,22 @@ def test_h2o_matches_reference(kw) -> None:
                                              recent=comp.recent)
 
 
+def test_h2o_ties_go_to_earlier_positions() -> None:
+    view, query = _h2o_tie_batch()
+    comp = make_compressor("h2o", ratio=0.6, chunk=7)
+    keep = comp.select(view, _ctx(view, query))
+    kept_sets = _kept_sets(keep, view)
+    assert kept_sets == ref_h2o(view, query, lambda n: _budget(n, 0.6), recent=comp.recent)
+    n = LENGTHS[0]
+    kept = _budget(n, 0.6)
+    recent = round(kept * comp.recent)
+    older = range(n - recent)
+    live = [t for t in older if t % LIVE_EVERY == 0]
+    dead = [t for t in older if t % LIVE_EVERY != 0]
+    heavy = sorted(live + dead[: kept - recent - len(live)])  # every live key, then the earliest tied dead keys
+    assert kept_sets[0] == [heavy + list(range(n - recent, n))] * H
+
+
 def test_attention_mass_chunks_agree_and_never_build_s_by_s() -> None:
     view, query = _batch()
     qv = view.valid.any(1)
@@ -197,63 +237,89 @@ def test_attention_mass_chunks_agree_and_never_build_s_by_s() -> None:
     assert torch.allclose(full.sum(-1), qv.sum(-1, keepdim=True).float().expand(-1, HQ), atol=1e-4)
 
 
-@pytest.mark.parametrize("kw", [dict(ratio=0.3), dict(budget=10), dict(budget=100)])
-def test_tova_matches_reference_one_set_per_layer(kw) -> None:
-    view, query = _batch()
-    keep = make_compressor("tova", **kw).select(view, _ctx(view, query))
-    assert _kept_sets(keep, view) == ref_tova(view, query, lambda n: _budget(n, kw.get("ratio"), kw.get("budget")))
-
-
-@pytest.mark.parametrize("ties", [False, True])
-def test_knorm_matches_reference(ties: bool) -> None:
+@pytest.mark.parametrize(("kw", "ties"), [(dict(ratio=0.3), False), (dict(budget=10), False), (dict(budget=100), False),
+                                          (dict(ratio=0.3), True)])
+def test_tova_matches_reference_one_set_per_layer(kw: dict, ties: bool) -> None:
     view, query = _batch(ties=ties)
-    keep = make_compressor("knorm", ratio=0.35).select(view, _ctx(view, query))
-    assert _kept_sets(keep, view) == ref_knorm(view, query, lambda n: _budget(n, 0.35))
+    keep = make_compressor("tova", **kw).select(view, _ctx(view, query))
+    kept_of = lambda n: _budget(n, kw.get("ratio"), kw.get("budget"))  # noqa: E731
+    assert _kept_sets(keep, view) == ref_tova(view, query, kept_of)
+    if ties:  # the last query attends equally to every key of row 0: the earliest ones are kept
+        assert _kept_sets(keep, view)[0] == [list(range(kept_of(LENGTHS[0])))] * H
+
+
+@pytest.mark.parametrize(("kw", "ties"), [(dict(ratio=0.35), False), (dict(ratio=0.35), True), (dict(budget=45), False),
+                                          (dict(budget=100), False)])
+def test_knorm_matches_reference(kw: dict, ties: bool) -> None:
+    view, query = _batch(ties=ties)
+    keep = make_compressor("knorm", **kw).select(view, _ctx(view, query))
+    assert _kept_sets(keep, view) == ref_knorm(view, query, lambda n: _budget(n, kw.get("ratio"), kw.get("budget")))
     if ties:
         assert _kept_sets(keep, view)[0][0] == list(range(round(0.35 * LENGTHS[0])))
+    if kw.get("budget", 0) >= max(LENGTHS):  # a budget beyond every row's context keeps everything
+        assert torch.equal(keep, view.valid)
 
 
-def test_expected_attention_matches_reference_from_pre_rope_queries() -> None:
-    """Queries are made pre-RoPE, rotated by HF's RoPE at positions with an arbitrary offset; the reference fits the
-    Gaussian to the pre-RoPE queries and averages HF's own rotation matrices over the 512 future positions."""
-    config = _config()
-    rope = LlamaRotaryEmbedding(config)
-    module = LlamaAttention(config, layer_idx=0)
-    view, pre = _batch(seed=3)
-    b, _, n, _ = pre.shape
-    offset = 5
+def _rope_queries(pre: torch.Tensor, rope: LlamaRotaryEmbedding, offset: int) -> torch.Tensor:
+    """Post-RoPE queries: each row's pre-RoPE queries rotated by HF's RoPE at its own positions, ``offset`` onwards."""
+    n = pre.shape[2]
     query = torch.empty_like(pre)
-    for i in range(b):
+    for i in range(pre.shape[0]):
         pos = (torch.arange(n) - (n - LENGTHS[i]) + offset).clamp(min=0).view(1, -1)
         cos, sin = rope(pre, pos)
         query[i] = apply_rotary_pos_emb(pre[i:i + 1], pre[i:i + 1], cos, sin)[0][0]
-    comp = make_compressor("expected_attention", ratio=0.4)
-    keep = comp.select(view, _ctx(view, query, module=module))
+    return query
+
+
+def ref_expected_attention(view: LayerView, pre: torch.Tensor, kept_of: Callable[[int], int], rope: LlamaRotaryEmbedding,
+                           offset: int, sink: int = 4, n_future: int = 512) -> list[list[list[int]]]:
+    """Fit N(mu, cov) to each query head's pre-RoPE queries (sinks excluded), rotate both by HF's own rotation matrices
+    averaged over the next ``n_future`` positions, score each non-sink key by the softmax of
+    k·mu/sqrt(d) + k^T cov k/(2d), averaged over the GQA group and times |v|; sinks are always kept."""
 
     def rotation(p: int) -> torch.Tensor:  # HF's rotation at position p as a d x d matrix (acting on column vectors)
         cos, sin = rope(torch.zeros(1), torch.tensor([[p]]))
         eye = torch.eye(D).view(1, 1, D, D)
         return apply_rotary_pos_emb(eye, eye, cos.view(1, 1, D), sin.view(1, 1, D))[0][0, 0].double().T
 
-    ref = []
-    for i, k, v, q_pre in _rows(view, pre):
+    out = []
+    for _, k, v, q_pre in _rows(view, pre):
         length = k.shape[1]
-        r_bar = sum(rotation(offset + length + j) for j in range(512)) / 512
+        r_bar = sum(rotation(offset + length + j) for j in range(n_future)) / n_future
         heads = []
         for h in range(H):
             probs = []
             for j in range(G):
-                qs = q_pre[h * G + j, 4:].double()  # sinks excluded from the statistics
+                qs = q_pre[h * G + j, sink:].double()
                 mu = qs.mean(0)
                 cov = (qs - mu).T @ (qs - mu) / qs.shape[0]
                 mu, cov = r_bar @ mu, r_bar @ cov @ r_bar.T
-                kk = k[h, 4:].double()
+                kk = k[h, sink:].double()
                 logits = kk @ mu / math.sqrt(D) + 0.5 * ((kk @ cov) * kk).sum(-1) / D
                 probs.append(torch.softmax(logits, -1))
-            score = (sum(probs) / G) * v[h, 4:].double().norm(dim=-1)
-            heads.append(_keep([0.0] * 4 + score.tolist(), _budget(length, 0.4), sink=4))
-        ref.append(heads)
-    assert _kept_sets(keep, view) == ref
+            score = (sum(probs) / G) * v[h, sink:].double().norm(dim=-1)
+            heads.append(_keep([0.0] * sink + score.tolist(), kept_of(length), sink=sink))
+        out.append(heads)
+    return out
+
+
+@pytest.mark.parametrize(("kw", "ties"), [(dict(ratio=0.4), False), (dict(ratio=0.4), True), (dict(budget=45), False),
+                                          (dict(budget=500), False)])
+def test_expected_attention_matches_reference_from_pre_rope_queries(kw: dict, ties: bool) -> None:
+    """Queries are made pre-RoPE, rotated by HF's RoPE at positions with an arbitrary offset; the reference fits the
+    Gaussian to the pre-RoPE queries and averages HF's own rotation matrices over the 512 future positions."""
+    config = _config()
+    rope = LlamaRotaryEmbedding(config)
+    view, pre = _batch(seed=3, ties=ties)
+    query = _rope_queries(pre, rope, offset=5)
+    ctx = _ctx(view, query, module=LlamaAttention(config, layer_idx=0))
+    keep = make_compressor("expected_attention", **kw).select(view, ctx)
+    kept_of = lambda n: _budget(n, kw.get("ratio"), kw.get("budget"))  # noqa: E731
+    assert _kept_sets(keep, view) == ref_expected_attention(view, pre, kept_of, rope, offset=5)
+    if ties:  # identical keys and values: every non-sink entry of row 0 ties, the earliest are kept after the sinks
+        assert _kept_sets(keep, view)[0] == [list(range(kept_of(LENGTHS[0])))] * H
+    if kw.get("budget", 0) >= max(LENGTHS):
+        assert torch.equal(keep, view.valid)
 
 
 def test_adakv_allocation_matches_reference_and_keeps_the_total() -> None:
@@ -288,20 +354,33 @@ def test_pyramid_budgets_follow_the_formula() -> None:
         assert int(pyramid_budget(torch.tensor([c_]), torch.tensor([n_]), w, beta, 0, layers)) == c_
 
 
-def test_pyramidkv_keeps_snapkv_sets_at_the_layer_budget() -> None:
-    view, query = _batch(lengths=(101, 87, 9))
+@pytest.mark.parametrize(("kw", "ties"), [(dict(ratio=0.5), False), (dict(ratio=0.5), True), (dict(budget=45), False),
+                                          (dict(budget=500), False)])
+def test_pyramidkv_keeps_snapkv_sets_at_the_layer_budget(kw: dict, ties: bool) -> None:
+    lengths = (101, 87, 9)
+    view, query = _batch(lengths=lengths, ties=ties)
     for layer in (0, 3):
-        keep = make_compressor("pyramidkv", ratio=0.5, window=8).select(view, _ctx(view, query, layer=layer))
-        budget = lambda n: int(pyramid_budget(torch.tensor([_budget(n, 0.5)]), torch.tensor([n]), 8, 20.0, layer, 4))
+        keep = make_compressor("pyramidkv", window=8, **kw).select(view, _ctx(view, query, layer=layer))
+        uniform = lambda n: _budget(n, kw.get("ratio"), kw.get("budget"))  # noqa: E731
+        budget = lambda n: int(pyramid_budget(torch.tensor([uniform(n)]), torch.tensor([n]), 8, 20.0, layer, 4))  # noqa: E731
         assert _kept_sets(keep, view) == ref_snapkv(view, query, budget, window=8)
+        if ties:  # every prefix entry of row 0 ties: the earliest fill the layer's budget, then the window
+            kept = budget(lengths[0])
+            assert _kept_sets(keep, view)[0] == [list(range(kept - 8)) + list(range(lengths[0] - 8, lengths[0]))] * H
+        if kw.get("budget", 0) >= max(lengths):  # keeps everything in every layer
+            assert torch.equal(keep, view.valid)
 
 
-def test_merge_folds_evicted_entries_into_most_similar_kept_entry() -> None:
+@pytest.mark.parametrize("kw", [dict(ratio=0.4), dict(budget=45), dict(budget=500)])
+def test_merge_folds_evicted_entries_into_most_similar_kept_entry(kw: dict) -> None:
     view, query = _batch()
     original = LayerView(view.keys.clone(), view.values.clone(), view.valid)
-    comp = make_compressor("merge", ratio=0.4, scorer="knorm")
+    comp = make_compressor("merge", scorer="knorm", **kw)
     keep = comp.select(view, _ctx(view, query))
-    assert torch.equal(keep, make_compressor("knorm", ratio=0.4).select(original, _ctx(original, query)))
+    assert torch.equal(keep, make_compressor("knorm", **kw).select(original, _ctx(original, query)))
+    if kw.get("budget", 0) >= max(LENGTHS):  # nothing evicted: everything kept, nothing merged
+        assert torch.equal(keep, view.valid)
+        assert torch.equal(view.keys, original.keys) and torch.equal(view.values, original.values)
     for i in range(keep.shape[0]):
         for h in range(H):
             kept = keep[i, h].nonzero().squeeze(-1).tolist()
