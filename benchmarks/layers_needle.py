@@ -28,14 +28,15 @@ import torch  # noqa: E402
 
 import kvcompress  # noqa: E402
 from kvcompress.eval.needle import make_needle_samples, score_exact_match  # noqa: E402
-from kvcompress.zoo.testbed import answer, load, testbed_path  # noqa: E402
+from kvcompress.zoo.testbed import RETRIEVAL_KV_HEADS, answer, load, testbed_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = ("lazy", "cosine", "first", "last", "every_k")
+RETRIEVAL_LAYER = RETRIEVAL_KV_HEADS[0][0]  # the testbed's ground truth
 
 
 def evaluate(model, tok, samples, method: str, **params) -> dict:
-    hits, fractions, kept = [], [], Counter()
+    hits, fractions, kept, savings = [], [], Counter(), set()
     for s in samples:
         cache = kvcompress.compress(model, method, **params)
         hits.append(score_exact_match(answer(model, tok, s, cache), s.answer))
@@ -45,12 +46,32 @@ def evaluate(model, tok, samples, method: str, **params) -> dict:
             kept[str(shared["kept_layers"][0])] += 1
         if "merged_pairs" in shared:
             kept[str(shared["merged_pairs"])] += 1
+        savings.add(shared.get("prefill_saving", "memory-only"))  # what the method itself declares
     return {
         "accuracy": sum(hits) / len(hits),
         "kept_fraction": sum(fractions) / len(fractions),
         "choices": dict(kept),
-        "prefill_saving": "memory-only",
+        "prefill_saving": ", ".join(sorted(savings)),
     }
+
+
+def reading(rows: list[dict], num_layers: int, retrieval_layer: int) -> str:
+    """What the rows show, derived from them: which single-layer choices kept the retrieval layer and how they scored,
+    and how `share` compares with the same-memory random-token control."""
+    single = [r for r in rows if r["method"] == "layers" and r["ratio"] == 1 / num_layers and "per_seed" not in r]
+    hit = [r for r in single if all(retrieval_layer in json.loads(k) for k in r["choices"])]
+    miss = [r for r in single if r not in hit]
+    name = lambda r: r["setting"].split(",")[0].removeprefix("score=")  # noqa: E731
+    parts = [
+        f"With one kept layer, the scores that kept layer {retrieval_layer} (the retrieval layer) in every sample — "
+        + (", ".join(f"`{name(r)}` ({100 * r['accuracy']:.0f}%)" for r in hit) or "none")
+        + "; the others — " + (", ".join(f"`{name(r)}` ({100 * r['accuracy']:.0f}%)" for r in miss) or "none") + "."
+    ]
+    shares = [r for r in rows if r["method"] == "share"]
+    controls = {r["control_of"]: r for r in rows if "control_of" in r}
+    better = [r for r in shares if r["accuracy"] > controls[r["setting"]]["accuracy"]]
+    parts.append(f"`share` beats random token eviction at the same kept fraction in {len(better)} of {len(shares)} settings.")
+    return " ".join(parts)
 
 
 def main() -> None:
@@ -88,8 +109,13 @@ def main() -> None:
         })
     for start in (num_layers // 2, 0):
         for retain in args.retain:
+            setting = f"start={start}, retain={retain:g}, t=0.6"
             r = evaluate(model, tok, samples, "share", start=start, retain=retain)
-            rows.append({"method": "share", "setting": f"start={start}, retain={retain:g}, t=0.6", **r})
+            rows.append({"method": "share", "setting": setting, **r})
+            # Same-memory control: uniform random token eviction keeping share's measured kept fraction.
+            c = evaluate(model, tok, samples, "random", ratio=min(1.0, r["kept_fraction"]))
+            rows.append({"method": "random (control)", "setting": f"ratio = share's kept fraction ({setting})",
+                         "control_of": setting, **c})
     result = {
         "model": "testbed (constructed: hand-set weights, not trained; 3 layers x 2 KV heads)",
         "task": "needle magic_number, 3 distractors, exact match, question inside the compressed prompt",
@@ -111,7 +137,9 @@ def main() -> None:
         f"tokens. Random-layer control: mean over {args.seeds} seeds. `share` (MiniCache): pairs from `start` (default "
         "L//2 = 1: pair (1, 2); start=0: pair (0, 1), layer 2 alone), SLERP t = 0.6, `retain` = fraction of tokens kept "
         "unmerged. Kept fraction = kept bytes / dense bytes (measured from stored tensors) at the end of generation.",
-        "Prefill saving: memory-only for both methods (every layer's K/V is computed during the prefill).",
+        "Prefill saving (as each method declares it in `cache.shared`): "
+        + "; ".join(sorted({f"{r['method']}: {r['prefill_saving']}" for r in rows if r["method"] in ("layers", "share")}))
+        + ". `random (control)` rows: uniform random token eviction at the kept fraction of the `share` row above.",
         "",
         "| method | setting | needle accuracy (%) | kept fraction | layers kept / pairs merged (samples) |",
         "|---|---|---|---|---|",
@@ -123,13 +151,7 @@ def main() -> None:
         lines.append(f"| {r['method']} | {r['setting']} | {100 * r['accuracy']:.1f} | {r['kept_fraction']:.3f} | {choices} |")
     lines += [
         "",
-        "Reading: a single kept layer works only if it is layer 1 (the retrieval layer): `lazy` (attention of the last "
-        "prompt query off the sink + recent window) and `cosine` (residual-stream change) both find it; the fixed "
-        "patterns `first`/`every_k` (layer 0) and `last` (layer 2) do not, and the random control succeeds exactly for "
-        "the draws that include layer 1. With two kept layers every pattern that keeps layer 1 succeeds. `share` "
-        "merges a pair's keys/values into one direction: merging the retrieval layer with the filler layer 2 (default "
-        "start) destroys the retrieval keys unless nearly all tokens are retained; merging layers 0 and 1 degrades "
-        "more gracefully as `retain` grows.",
+        "Reading: " + reading(rows, num_layers, RETRIEVAL_LAYER),
         "",
         f"Generated by `python benchmarks/layers_needle.py` in {result['seconds']} s (CPU, 1 thread)."]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -386,10 +386,12 @@ def test_layers_heads_snapkv_quant_end_to_end_bytes_are_the_product_of_the_axes(
         assert out.sequences.shape[1] == n + 4
         cache = _prefill(model, ids, kvcompress.compress(model, method, ratio=0.5, params=params))
     # Per (layer, KV head) tokens = layer axis cap x head axis cap x token ratio, then the hidden axis' bytes:
-    # kept layers 0-1: one full head (64 -> snapkv 32) and one window head (4 + 32 = 36 -> 18): ragged, one block each;
-    # dropped layers 2-3: 4 + 12 = 16 tokens in both heads (a window head's 36 covers them) -> 8 each: one block.
+    # kept layers 0-1: one full head (64 -> snapkv 32) and one window head (sink + recent = 36 -> 18): ragged, one
+    # block each; dropped layers 2-3: 4 + 12 = 16 tokens in both heads (the window head's 36 covers them) -> 8 each.
     d = cfg.head_dim
-    kept_layer = _quant_block_bytes(1, round(0.5 * n), d, bits, group) + _quant_block_bytes(1, round(0.5 * 36), d, bits, group)
+    heads = next(c for c in cache.compressors if c.name == "heads")
+    window_head = min(n, heads.sink + heads.recent)
+    kept_layer = _quant_block_bytes(1, round(0.5 * n), d, bits, group) + _quant_block_bytes(1, round(0.5 * window_head), d, bits, group)
     dropped_layer = _quant_block_bytes(cfg.num_key_value_heads, round(0.5 * (sink + window)), d, bits, group)
     assert [layer.kept_bytes() for layer in cache.layers] == [kept_layer] * 2 + [dropped_layer] * 2
     assert cache.kept_bytes() == 2 * kept_layer + 2 * dropped_layer
