@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,9 @@ from .api import check_architecture
 from .errors import KVCompressError, unknown_choice
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: accelerate's placement strategies for ``from_pretrained(device_map=...)`` (a device or a {module: device} map also works)
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DeviceMap = str | int | dict[str, str | int]
 
 
 @dataclass
@@ -71,9 +74,15 @@ def load_model(model_cfg: Any, dtype: str | None = None, device: str = "cpu") ->
     torch_dtype = DTYPES[dtype_name]
     builtin = model_cfg.get("builtin")
     path = model_cfg.get("path")
+    device_map = check_device_map(model_cfg.get("device_map"))
     if path:  # an explicit path wins over a built-in name (model.path=DIR on any model config)
-        loaded = _from_pretrained(str(path), torch_dtype)
+        loaded = _from_pretrained(str(path), torch_dtype, device_map)
     elif builtin:
+        if device_map is not None:
+            raise KVCompressError(
+                f"model.device_map={device_map!r} applies to models loaded from model.path; built-in model {builtin!r} "
+                "is loaded whole onto `device`; valid: model.device_map=null"
+            )
         _load_builtin_plugins()
         if builtin not in BUILTIN:
             raise unknown_choice("built-in model", builtin, BUILTIN)
@@ -81,11 +90,36 @@ def load_model(model_cfg: Any, dtype: str | None = None, device: str = "cpu") ->
     else:
         raise KVCompressError(f"model {model_cfg.get('name')!r} has neither `builtin` nor `path`; set model.path=DIR")
     check_architecture(loaded.model)
-    loaded.model.to(device)
+    if device_map is None:  # with a device_map, accelerate has placed (and may have split) the model already
+        loaded.model.to(device)
     return loaded
 
 
-def _from_pretrained(path: str, dtype: torch.dtype) -> LoadedModel:
+def check_device_map(value: Any) -> DeviceMap | None:
+    """``model.device_map``: null (load whole, then move to ``device``), one of accelerate's strategies (``auto``
+    spreads a model larger than one GPU over every visible GPU, then CPU memory), a device (``cpu``, ``cuda:1``, a GPU
+    index) or a ``{module name: device}`` map."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): v if v == "disk" else check_device_map(v) for k, v in value.items()}  # type: ignore[misc]
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        if value in DEVICE_MAP_STRATEGIES:
+            return value
+        try:
+            torch.device(value)
+            return value
+        except RuntimeError:
+            pass
+    raise KVCompressError(
+        f"unknown device_map {value!r}; valid: null, {' | '.join(DEVICE_MAP_STRATEGIES)}, a device (cpu, cuda:0, "
+        "a GPU index) or a {module: device} map"
+    )
+
+
+def _from_pretrained(path: str, dtype: torch.dtype, device_map: DeviceMap | None = None) -> LoadedModel:
     local = Path(path).expanduser()
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if not local.is_dir() and (offline or path.startswith((".", "/", "~"))):
@@ -96,7 +130,9 @@ def _from_pretrained(path: str, dtype: torch.dtype) -> LoadedModel:
         )
     source = str(local) if local.is_dir() else path
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation="sdpa", device_map=device_map
+        )
     except OSError as err:
         raise KVCompressError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
     try:

@@ -20,6 +20,10 @@ from .errors import KVCompressError
 def check_writable(path: str | os.PathLike[str]) -> Path:
     """Fail before any computation if the results file cannot be appended to (nothing in it is touched)."""
     target = Path(path).expanduser()
+    blocker = next((a for a in target.parents if a.exists() and not a.is_dir()), None)
+    if blocker is not None:
+        raise KVCompressError(f"results path {str(path)!r} is not writable ({str(blocker)!r} is a file, not a "
+                              "directory); valid: a writable file path")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "a", encoding="utf-8"):
@@ -30,10 +34,18 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
 
 
 def append_row(path: str | os.PathLike[str], row: dict[str, Any]) -> None:
-    """Append one row as a single ``write`` of one line, flushed and fsynced: a crash leaves earlier rows intact."""
-    line = json.dumps(row, sort_keys=True, default=_json_default) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
+    """Append one row as a single ``write`` of one line, flushed and fsynced: a crash leaves earlier rows intact.
+
+    A writer killed mid-``write`` can leave a torn last line without its newline; the new row then starts on a fresh
+    line, so the torn line stays one unreadable line (skipped by :func:`read_rows`) and this row stays readable."""
+    line = (json.dumps(row, sort_keys=True, default=_json_default) + "\n").encode("utf-8")
+    with open(path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)  # append mode: the write goes to the end whatever the read position
         f.flush()
         os.fsync(f.fileno())
 

@@ -168,13 +168,18 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
         "accuracy": accuracy,
         "latency": latency,
         "method_state": _jsonable(cache.shared),  # what methods decided (kept layers, merged pairs, errors, ...)
-        "provenance": provenance(int(cfg.seed), str(cfg.device), int(cfg.threads)),
+        "provenance": provenance(int(cfg.seed), _devices(model), int(cfg.threads)),
     }
     if is_main_process():  # under accelerate launch, samples were split and gathered: one row, from rank 0
         append_row(results_path, row)
         if cfg.print_summary:
             print(summary_table(row, results_path))
     return row
+
+
+def _devices(model: torch.nn.Module) -> str:
+    """Where the model's parameters actually are (several devices under ``model.device_map``)."""
+    return ",".join(sorted({str(p.device) for p in model.parameters()}))
 
 
 def _prefill_costs(cache: kvcompress.KVCompressCache, config: Any, context: int) -> dict[str, Any]:

@@ -4,19 +4,25 @@
 
 Writes, deterministically (same rows → byte-identical files):
 
-* ``<name>.md`` / ``<name>.tex`` (booktabs): one line per (model, method, parameters, task) — kept fraction, kept
-  bytes, the modelled deployment metrics relative to the uncompressed cache (concurrency, decode time, context
-  switch; Fu 2024's model on the row's deployment target), and the accuracy of each task;
+* ``<name>.md`` / ``<name>.tex`` (booktabs): one line per (model, method, parameters) — kept fraction, kept bytes,
+  the modelled deployment metrics relative to the uncompressed cache (concurrency, decode time, context switch;
+  Fu 2024's model on the rows' deployment target), then one accuracy column per evaluation: needle, RULER and the
+  LongBench average always (``–`` where that evaluation was not run), then any other task found (e.g. fidelity).
+  The memory and deployment columns come from the configuration's needle row, else its RULER, LongBench, then other
+  rows; notes under the table give each column's metric and evaluation settings, derived from the rows;
 * ``<name>_axes.md``: the best accuracy per axis at each kept-fraction bucket;
-* ``<name>_pareto.png``: accuracy vs kept fraction, one series per method;
+* ``<name>_pareto.png``: accuracy vs kept fraction, one panel per task and one series per method (and its non-default
+  parameters), with the legend outside the axes;
 * ``<name>_needle.png``: the needle length × depth heatmaps of the rows that carry a grid, one panel each.
 
-When a configuration appears in several rows, the last row wins.
+When a configuration appears in several rows, the last row wins; so does the last row of a (model, method,
+parameters, task) whose other settings (eval lengths, seed, ...) differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from collections import defaultdict
@@ -30,14 +36,41 @@ from .results import read_rows
 HEADLINE = ("score", "average", "exact_match", "top1_agreement")
 #: Tasks that report on a 0–100 scale (as their papers do); tables show every headline on 0–1.
 PERCENT_TASKS = ("ruler", "longbench")
+#: The accuracy columns every per-method table has, in order: (task, column header). Other tasks follow, by name.
+ACCURACY_COLUMNS = (("needle", "needle"), ("ruler", "RULER"), ("longbench", "LongBench avg."))
+#: The eval settings the notes under the table report for each task (from the rows' resolved ``config.eval``).
+SETTINGS = {
+    "needle": ("lengths", "depths", "template", "samples", "query_aware"),
+    "ruler": ("tasks", "lengths", "samples", "answer_prefix", "query_aware"),
+    "longbench": ("tasks", "max_len", "samples", "data_dir", "query_aware"),
+}
+#: Why a fixed accuracy column can be empty (shown when no row has that task).
+NOT_RUN = {
+    "longbench": "LongBench (v1) data are not available offline; run eval=longbench eval.data_dir=DIR on the "
+    "official data.zip files to fill it (the made-up fixture in tests/data/longbench only tests the pipeline)",
+}
+#: Pareto-plot styles: 20 colours × 7 markers × 4 line styles (coprime cycle lengths: 140 distinct series).
+COLORS = "tab20"
+MARKERS = ("o", "s", "^", "v", "D", "P", "X")
+LINESTYLES = ("-", "--", ":", "-.")
+#: Labelled kept-fraction ticks of the Pareto plot's log axis.
+LOG_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
-def headline(accuracy: dict[str, Any]) -> float | None:
+def headline_key(accuracy: dict[str, Any]) -> str | None:
+    """The accuracy-block key a table reports for a row (the first of :data:`HEADLINE` with a number)."""
     for key in HEADLINE:
         value = accuracy.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value) / (100.0 if accuracy.get("task") in PERCENT_TASKS else 1.0)
+            return key
     return None
+
+
+def headline(accuracy: dict[str, Any]) -> float | None:
+    key = headline_key(accuracy)
+    if key is None:
+        return None
+    return float(accuracy[key]) / (100.0 if accuracy.get("task") in PERCENT_TASKS else 1.0)
 
 
 def row_key(row: dict[str, Any]) -> str:
@@ -48,7 +81,7 @@ def row_key(row: dict[str, Any]) -> str:
     cfg = row.get("config", {})
     return json.dumps(
         {
-            "model": row.get("model", {}).get("name"),
+            "model": _model(row),
             "method": cfg.get("method", row.get("method")),
             "ratio": row.get("ratio"),
             "budget": row.get("budget"),
@@ -60,11 +93,22 @@ def row_key(row: dict[str, Any]) -> str:
 
 
 def latest_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration (the last one), in the order of those last rows (so later rows win again when
+    :func:`configurations` merges rows that differ only in settings it does not show)."""
     latest: dict[str, dict[str, Any]] = {}
     for row in rows:
-        latest[row_key(row)] = row
-    return sorted(latest.values(), key=lambda r: (r.get("model", {}).get("name", ""), r.get("task", ""), r["method"],
-                                                  r["memory"]["kept_fraction"], str(r.get("ratio"))))
+        key = row_key(row)
+        latest.pop(key, None)
+        latest[key] = row
+    return list(latest.values())
+
+
+def _sort_key(row: dict[str, Any]) -> tuple[str, str, str, float, str]:
+    return (_model(row), row.get("task", ""), row["method"], row["memory"]["kept_fraction"], _params(row))
+
+
+def _model(row: dict[str, Any]) -> str:
+    return str(row.get("model", {}).get("name", "?"))
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -75,70 +119,160 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _params(row: dict[str, Any]) -> str:
-    """``ratio=0.25`` / ``budget=128`` plus every method parameter that differs from its default."""
-    import dataclasses
-
+def _method_params(row: dict[str, Any]) -> list[str]:
+    """``name=value`` for every method parameter of the row that differs from its dataclass default."""
     from .compressor import REGISTRY, available_methods
 
     available_methods()
-    parts = [f"budget={row['budget']}"] if row.get("budget") is not None else []
-    if not parts and row.get("ratio") is not None:
-        parts.append(f"ratio={row['ratio']}")
     method_cfg = row.get("config", {}).get("method")
+    parts: list[str] = []
     if isinstance(method_cfg, dict):
         for name, params in method_cfg.items():
             if name not in REGISTRY or not isinstance(params, dict):
                 continue
             defaults = {f.name: f.default for f in dataclasses.fields(REGISTRY[name])}
             parts += [f"{k}={v}" for k, v in sorted(params.items()) if k in defaults and defaults[k] != v]
-    return " ".join(parts) or "default"
+    return parts
+
+
+def _params(row: dict[str, Any]) -> str:
+    """``ratio=0.25`` / ``budget=128`` plus every method parameter that differs from its default."""
+    parts = [f"budget={row['budget']}"] if row.get("budget") is not None else []
+    if not parts and row.get("ratio") is not None:
+        parts.append(f"ratio={row['ratio']}")
+    return " ".join(parts + _method_params(row)) or "default"
+
+
+def _tasks(rows: list[dict[str, Any]]) -> list[str]:
+    """Fixed accuracy columns first, then every other task in the rows, by name."""
+    fixed = [task for task, _ in ACCURACY_COLUMNS]
+    return fixed + sorted({str(r.get("task", "?")) for r in rows} - set(fixed))
+
+
+def configurations(rows: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
+    """Rows grouped by (model, method, parameters): ``{task: row}`` per configuration, sorted by model, method,
+    kept fraction and parameters. A later row replaces an earlier one of the same task."""
+    groups: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((_model(row), row["method"], _params(row)), {})[str(row.get("task", "?"))] = row
+    order = _tasks(rows)
+
+    def memory_row(by_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return by_task[next(t for t in order if t in by_task)]
+
+    return [
+        by_task
+        for _, by_task in sorted(groups.items(), key=lambda kv: (*kv[0][:2], memory_row(kv[1])["memory"]["kept_fraction"], kv[0][2]))
+    ]
 
 
 def method_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    header = ["model", "task", "method", "params", "kept frac.", "kept MiB", "concurrency ×", "decode ×", "switch ×",
-              "accuracy"]
+    tasks = _tasks(rows)
+    names = dict(ACCURACY_COLUMNS)
+    header = ["model", "method", "params", "kept frac.", "kept MiB", "concurrency ×", "decode ×", "switch ×"]
+    header += [names.get(t, t) for t in tasks]
     body = []
-    for row in rows:
-        mem = row["memory"]
-        dep = row.get("latency", {}).get("deployment", {}).get("ratio", {})
+    for by_task in configurations(rows):
+        first = by_task[next(t for t in tasks if t in by_task)]
+        mem = first["memory"]
+        dep = first.get("latency", {}).get("deployment", {}).get("ratio", {})
         body.append([
-            row.get("model", {}).get("name", "?"),
-            row.get("task", "?"),
-            row["method"],
-            _params(row),
+            _model(first),
+            first["method"],
+            _params(first),
             _fmt(mem["kept_fraction"]),
             _fmt(mem["kept_bytes"] / 2**20),
             _fmt(dep.get("concurrency"), 2),
             _fmt(dep.get("decode_s"), 3),
             _fmt(dep.get("context_switch_s"), 3),
-            _fmt(headline(row.get("accuracy", {}))),
+            *[_fmt(headline(by_task[t].get("accuracy", {}))) if t in by_task else "–" for t in tasks],
         ])
     return header, body
 
 
-def markdown(header: list[str], body: list[list[str]]) -> str:
+def table_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """What the per-method table's columns mean, derived from the rows: the deployment target, each accuracy
+    column's metric and evaluation settings, and why a fixed column is empty."""
+    notes = []
+    targets = sorted({
+        (str(d.get("model")), d.get("context"), str(d.get("hardware")), d.get("tp"))
+        for d in (r.get("latency", {}).get("deployment", {}) for r in rows)
+        if d
+    }, key=str)
+    if len(targets) == 1:
+        model, context, hardware, tp = targets[0]
+        where = f"{model} at {context} tokens on {hardware} (tp={tp})"
+    else:
+        where = f"each row's deployment target ({len(targets)} in these results)"
+    notes.append(
+        f"Deployment ratios (Fu 2024's model): the configuration's kept fractions projected onto {where}, relative to "
+        "the full cache; concurrency × > 1 and decode/switch × < 1 are better. Kept fraction, kept MiB and the ratios "
+        "come from the configuration's needle row, else its RULER, LongBench or other row."
+    )
+    names = dict(ACCURACY_COLUMNS)
+    for task in _tasks(rows):
+        task_rows = [r for r in rows if r.get("task") == task]
+        label = names.get(task, task)
+        if not task_rows:
+            notes.append(f"{label}: not run in these results" + (f"; {NOT_RUN[task]}" if task in NOT_RUN else "") + ".")
+            continue
+        metrics = sorted({str(headline_key(r.get("accuracy", {}))) for r in task_rows})
+        scale = " / 100" if task in PERCENT_TASKS else ""
+        text = f"{label}: {', '.join(metrics)}{scale}"
+        keys = SETTINGS.get(task, ())
+        settings = {
+            json.dumps({k: r.get("config", {}).get("eval", {}).get(k) for k in keys}, sort_keys=True) for r in task_rows
+        }
+        if keys and len(settings) == 1:
+            values = json.loads(settings.pop())
+            text += " (" + ", ".join(f"{k}={_setting(values[k])}" for k in keys) + ")"
+        elif keys:
+            text += f" (settings differ across its {len(task_rows)} rows)"
+        notes.append(text + ".")
+    return notes
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "default" if value is None else str(value)
+
+
+def markdown(header: list[str], body: list[list[str]], notes: list[str] | None = None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    if notes:
+        lines += [""] + [f"* {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
-def latex(header: list[str], body: list[list[str]], caption: str) -> str:
-    def esc(text: str) -> str:
-        return text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&").replace("×", "$\\times$")
+_TEX = {"\\": "\\textbackslash{}", "{": "\\{", "}": "\\}", "$": "\\$", "#": "\\#", "%": "\\%", "&": "\\&", "_": "\\_",
+        "~": "\\textasciitilde{}", "^": "\\textasciicircum{}", "×": "$\\times$", "≤": "$\\le$",
+        "<": "$<$", ">": "$>$"}
 
+
+def _tex(text: str) -> str:
+    return "".join(_TEX.get(char, char) for char in text)
+
+
+def latex(header: list[str], body: list[list[str]], caption: str, text_columns: int = 3, notes: list[str] | None = None) -> str:
     lines = [
         "% Generated by python -m kvcompress.tables; needs \\usepackage{booktabs}",
         "\\begin{table}[t]",
         "\\centering",
-        f"\\caption{{{esc(caption)}}}",
-        "\\begin{tabular}{" + "l" * 4 + "r" * (len(header) - 4) + "}",
+        f"\\caption{{{_tex(caption)}}}",
+        "\\begin{tabular}{" + "l" * text_columns + "r" * (len(header) - text_columns) + "}",
         "\\toprule",
-        " & ".join(esc(h) for h in header) + " \\\\",
+        " & ".join(_tex(h) for h in header) + " \\\\",
         "\\midrule",
     ]
-    lines += [" & ".join(esc(c) for c in cells) + " \\\\" for cells in body]
-    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    lines += [" & ".join(_tex(c) for c in cells) + " \\\\" for cells in body]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if notes:
+        lines += ["\\par\\smallskip", "{\\footnotesize"] + [_tex(note) + "\\par" for note in notes] + ["}"]
+    lines += ["\\end{table}"]
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +283,7 @@ def axis_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     available_methods()
     buckets = (0.1, 0.25, 0.5, 1.0)
     best: dict[tuple[str, str], dict[float, tuple[float, str]]] = defaultdict(dict)
-    for row in rows:
+    for row in sorted(rows, key=_sort_key):
         acc = headline(row.get("accuracy", {}))
         if acc is None:
             continue
@@ -167,28 +301,52 @@ def axis_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 
 def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy vs kept fraction: one panel per task with accuracy, one series per method (plus its non-default
+    parameters) in the same style in every panel, and one legend outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    series: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         acc = headline(row.get("accuracy", {}))
         if acc is not None:
-            series[f"{row['method']} ({row.get('task', '?')})"].append((row["memory"]["kept_fraction"], acc))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for label in sorted(series):
-        points = sorted(series[label])
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("kept fraction of KV bytes")
-    ax.set_ylabel("accuracy")
-    ax.grid(True, alpha=0.3)
-    if series:
-        ax.legend(fontsize=7)
+            label = " ".join([row["method"], *_method_params(row)])
+            series[str(row.get("task", "?"))][label].append((row["memory"]["kept_fraction"], acc))
+    tasks = [t for t in _tasks(rows) if t in series]
+    labels = sorted({label for per_task in series.values() for label in per_task})
+    colors = matplotlib.colormaps[COLORS]
+    styles = {
+        label: {"color": colors(i % colors.N), "marker": MARKERS[i % len(MARKERS)],
+                "linestyle": LINESTYLES[i % len(LINESTYLES)]}
+        for i, label in enumerate(labels)
+    }
+    names = dict(ACCURACY_COLUMNS)
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 3.6), dpi=100, squeeze=False)
+    handles = {}
+    for ax, task in zip(axes.flat, tasks):
+        for label in sorted(series[task]):
+            points = sorted(series[task][label])
+            (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], label=label, markersize=5, linewidth=1.2,
+                              **styles[label])
+            handles.setdefault(label, line)
+        ax.set_xscale("log")
+        low = min(p[0] for points in series[task].values() for p in points)
+        ticks = [t for t in LOG_TICKS if t >= low / 2] or [low]
+        ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks], fontsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(names.get(task, task), fontsize=9)
+        ax.set_xlabel("kept fraction of KV bytes", fontsize=8)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(True, alpha=0.3)
+    axes.flat[0].set_ylabel("accuracy (0–1)", fontsize=8)
+    if handles:
+        fig.legend([handles[label] for label in labels], labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=7, ncol=1 if len(labels) <= 24 else 2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
+    fig.savefig(path, metadata={"Software": None}, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -199,8 +357,8 @@ def heatmaps(rows: list[dict[str, Any]], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [r for r in rows if r.get("task") == "needle" and isinstance(r.get("accuracy", {}).get("grid"), dict)
-              and r["accuracy"]["grid"]]
+    panels = [r for r in sorted(rows, key=_sort_key) if r.get("task") == "needle"
+              and isinstance(r.get("accuracy", {}).get("grid"), dict) and r["accuracy"]["grid"]]
     if not panels:
         return False
     cols = min(6, len(panels))
@@ -229,12 +387,12 @@ def generate(results: list[Path], out: Path, name: str = "methods") -> list[Path
     rows = latest_rows(row for path in results for row in read_rows(path))
     out.mkdir(parents=True, exist_ok=True)
     header, body = method_table(rows)
+    notes = table_notes([row for by_task in configurations(rows) for row in by_task.values()])  # the rows shown
     caption = "KV-cache compression: kept memory, modelled deployment cost (Fu 2024, relative to full) and accuracy"
     files = {
-        out / f"{name}.md": f"# {caption}\n\nGenerated by `python -m kvcompress.tables`; do not edit by hand.\n"
-        "Deployment ratios: the row's kept fractions projected onto its deployment target (default Yi-34B-200K, "
-        "50K tokens, A100-80GB); concurrency × > 1 and decode/switch × < 1 are better.\n\n" + markdown(header, body),
-        out / f"{name}.tex": latex(header, body, caption),
+        out / f"{name}.md": f"# {caption}\n\nGenerated by `python -m kvcompress.tables`; do not edit by hand.\n\n"
+        + markdown(header, body, notes),
+        out / f"{name}.tex": latex(header, body, caption, notes=notes),
     }
     axis_header, axis_body = axis_table(rows)
     files[out / f"{name}_axes.md"] = "# Best accuracy per compression axis and kept-fraction bucket\n\n" + markdown(

@@ -323,3 +323,32 @@ def test_prompt_boundary_with_byte_level_bpe():
     cut = LB.build_prompt("hotpotqa", row, tok, max_len=full.num_tokens_before - 10)
     assert cut.truncated and len(cut.input_ids) == 1 + 2 * ((full.num_tokens_before - 10) // 2)
     assert cut.input_ids[cut.boundary :] == full.input_ids[full.boundary :]
+
+
+def test_longbench_through_the_run_entry_point(testbed, tmp_path):
+    """``python -m kvcompress.run eval=longbench eval.data_dir=FIXTURE`` appends one row with the memory, latency and
+    LongBench accuracy blocks, and its scores are those of the evaluation called directly."""
+    import subprocess
+
+    from test_sweeps import CLI_ENV, kvcompress_cli
+
+    import kvcompress
+    from kvcompress.results import read_rows
+
+    tasks = ["hotpotqa", "trec", "passage_count"]
+    results = tmp_path / "rows.jsonl"
+    args = ["model=testbed", "method=snapkv", "ratio=0.5", "eval=longbench", f"eval.data_dir={FIXTURE}",
+            f"eval.tasks=[{','.join(tasks)}]", "eval.max_new_tokens=6", "print_summary=false", f"results={results}"]
+    proc = subprocess.run(kvcompress_cli(*args, tmp_path=tmp_path), env=CLI_ENV, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = read_rows(results)
+    assert row["task"] == "longbench" and row["method"] == "snapkv" and row["config"]["eval"]["data_dir"] == str(FIXTURE)
+    assert row["memory"]["kept_fraction"] < 1 and row["latency"]["deployment"]["ratio"]["concurrency"] > 1
+    model, tok = testbed
+    cfg = {"tasks": tasks, "data_dir": str(FIXTURE), "max_new_tokens": 6}
+    direct = LB.run(model, lambda: kvcompress.compress(model, "snapkv", ratio=0.5), cfg, tokenizer=tok)
+    fixture_rows = sum(len(LB.load_task(t, FIXTURE)) for t in tasks)
+    acc = row["accuracy"]
+    assert acc["task"] == "longbench" and acc["samples"] == direct["samples"] == fixture_rows
+    assert {t: acc[t] for t in [*tasks, "average"]} == {t: direct[t] for t in [*tasks, "average"]}
