@@ -497,7 +497,8 @@ def _merged_attention(
     for seg in segments:
         qs = q[seg.rows, seg.heads]  # (pairs, g*q_len, d)
         if seg.codec is not None and hasattr(seg.codec, "scores"):
-            merge(seg.codec.scores(qs) * scaling, seg.codec.mix, seg.rows, seg.heads)
+            codec = seg.codec
+            merge(codec.scores(qs, workspace) * scaling, lambda p: codec.mix(p, workspace), seg.rows, seg.heads)
             continue
         seg_k, seg_v = seg.kv(workspace, torch.float32)  # reconstructed here, one segment at a time
         merge((qs @ seg_k.transpose(-1, -2)) * scaling, lambda p: p @ seg_v, seg.rows, seg.heads)

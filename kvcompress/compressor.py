@@ -176,9 +176,10 @@ class Workspace:
 class Codec(Protocol):
     """Encoded storage of a block of KV entries ``(pairs, count, head_dim)`` (quantized, low-rank, pruned...).
 
-    Optional, for attention without reconstructing the block: ``scores(query) -> query · Kᵀ`` and
-    ``mix(probs) -> probs · V`` for ``query (pairs, m, d_k)`` and ``probs (pairs, m, count)``, float32 in and out
-    (low-rank coefficients and pruned channels are read as they are stored). Optional ``concat(later) -> Codec``
+    Optional, for attention without reconstructing the whole block: ``scores(query, workspace) -> query · Kᵀ`` and
+    ``mix(probs, workspace) -> probs · V`` for ``query (pairs, m, d_k)`` and ``probs (pairs, m, count)``, float32 in
+    and out, called in that order (low-rank coefficients and pruned channels are read as they are stored; quantized
+    keys, then values, are dequantized into one workspace buffer). Optional ``concat(later) -> Codec``
     joins a later block of the same (row, head) pairs, so decoding keeps one block per pair group instead of one
     per flush.
     """

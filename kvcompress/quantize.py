@@ -68,24 +68,34 @@ def unpack(
     out: torch.Tensor | None = None,
     scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Inverse of :func:`pack`: the first ``n`` codes of the last axis, as ``dtype``. Codes are written straight into
-    the output one bit-plane at a time; the only temporary is one byte per packed byte (``scratch``, if given, is
-    reused for it). ``out`` (shape ``(*packed.shape[:-1], n)``), if given, receives the codes."""
+    """Inverse of :func:`pack`: the first ``n`` codes of the last axis, as ``dtype``, written into ``out`` (shape
+    ``(*packed.shape[:-1], n)``) if given. Codes go straight into the output one bit-plane at a time, in slabs of
+    rows; the only temporary is one byte slab of at most :data:`SLAB_BYTES` (``scratch``, a uint8 buffer of at least
+    that size or of ``packed``'s, is reused for it if given)."""
     bits = check_bits(bits)
-    shape = (*packed.shape[:-1], n)
     if out is None:
-        out = torch.empty(shape, dtype=dtype, device=packed.device)
+        out = torch.empty((*packed.shape[:-1], n), dtype=dtype, device=packed.device)
     if bits == 8:
         return out.copy_(packed[..., :n])
     per, mask = 8 // bits, (1 << bits) - 1
     m = packed.shape[-1]
-    tmp = scratch if scratch is not None else torch.empty_like(packed)
-    for j in range(per):
-        count = len(range(j, n, per))  # codes of plane j that fall inside the first n (the rest is padding)
-        torch.bitwise_right_shift(packed, bits * j, out=tmp)
-        tmp.bitwise_and_(mask)
-        out[..., j::per].copy_(tmp[..., :count] if count < m else tmp)
+    src, dst = packed.reshape(-1, m), out.view(-1, n)
+    rows = max(1, min(src.shape[0], SLAB_BYTES // max(1, m)))
+    if scratch is None or scratch.numel() < rows * m:
+        scratch = torch.empty(rows * m, dtype=torch.uint8, device=packed.device)
+    for start in range(0, src.shape[0], rows):
+        block = src[start : start + rows]
+        tmp = scratch.view(-1)[: block.numel()].view(block.shape)
+        for j in range(per):
+            count = len(range(j, n, per))  # codes of plane j inside the first n (the rest is padding)
+            torch.bitwise_right_shift(block, bits * j, out=tmp)
+            tmp.bitwise_and_(mask)
+            dst[start : start + rows, j::per].copy_(tmp[:, :count])
     return out
+
+
+#: Bound on :func:`unpack`'s byte temporary.
+SLAB_BYTES = 1 << 18
 
 
 # ---------------------------------------------------------------------------------------------------------------

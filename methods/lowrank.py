@@ -57,11 +57,11 @@ class LowRankCodec:
         v = self.v_coef.float() @ v_basis.transpose(-1, -2)
         return k.to(dtype or self.dtype), v.to(dtype or self.dtype)
 
-    def scores(self, query: torch.Tensor) -> torch.Tensor:
+    def scores(self, query: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         """``q · K̂ᵀ = (q · B_k) · coefᵀ``: reads the r-dim coefficients, never a full-size key."""
         return (query @ self._bases()[0]) @ self.k_coef.float().transpose(-1, -2)
 
-    def mix(self, probs: torch.Tensor) -> torch.Tensor:
+    def mix(self, probs: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         """``p · V̂ = (p · coef) · B_vᵀ``."""
         return (probs @ self.v_coef.float()) @ self._bases()[1].transpose(-1, -2)
 

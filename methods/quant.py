@@ -13,9 +13,10 @@ Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICM
 * The newest ``residual`` tokens (a multiple of ``group``) of every (row, KV head) stay in full precision; the buffer is
   flushed in whole groups (``chunk_tokens() == group``), so the residual holds between ``residual`` and
   ``residual + group − 1`` tokens. Composed after a token method, only the kept tokens are quantized.
-* Attention dequantizes one encoded block at a time (the core's merged attention) into the cache's reusable float32
-  workspace, so at most one layer's keys and values are ever dequantized at once and no step allocates fresh
-  layer-sized buffers. Blocks flushed while decoding are joined to the layer's existing block (codes and metadata
+* Attention dequantizes one encoded block's keys, takes the scores, then its values into the same buffer of the
+  cache's reusable float32 workspace (``scores``/``mix``): at most one block's keys *or* values are dequantized at
+  once (half of one layer's dense float32 K/V, plus a byte slab of at most 256 KiB for unpacking), and no step
+  allocates fresh layer-sized buffers. Blocks flushed while decoding are joined to the layer's existing block (codes and metadata
   concatenated along tokens), so the per-step cost does not grow with the number of flushes.
 
 Defaults: ``bits=4``, ``group=32``, ``residual=128`` (KIVI's G=32, R=128). ``bits`` ∈ {2, 4, 8}.
@@ -30,7 +31,7 @@ import torch
 
 from kvcompress.compressor import CompressionContext, Workspace, register
 from kvcompress.errors import KVCompressError, check_non_negative_int, check_positive_int
-from kvcompress.quantize import ResidualHidden, check_bits, dequantize_groups_, pack, quantize_groups, unpack
+from kvcompress.quantize import SLAB_BYTES, ResidualHidden, check_bits, dequantize_groups_, pack, quantize_groups, unpack
 
 
 @dataclass
@@ -56,19 +57,29 @@ class QuantCodec:
         return cls(bits, group, keys.dtype, (keys.shape[-1], values.shape[-1]),
                    pack(k_codes, bits), k_scale, k_min, pack(v_codes, bits), v_scale, v_min)
 
+    def _dequantized(self, part: str, workspace: Workspace | None) -> torch.Tensor:
+        """Keys (``part="k"``) or values (``"v"``) in float32; with a workspace, in its single ``"block"`` buffer."""
+        packed, scale, minimum, dim, d = (
+            (self.k_packed, self.k_scale, self.k_min, 1, self.dims[0]) if part == "k"
+            else (self.v_packed, self.v_scale, self.v_min, 2, self.dims[1])
+        )
+        out = scratch = None
+        if workspace is not None:
+            out = workspace.get("block", (*packed.shape[:-1], d), torch.float32, packed.device)
+            scratch = workspace.get("codes", (min(packed.numel(), SLAB_BYTES),), torch.uint8, packed.device)
+        x = unpack(packed, self.bits, d, dtype=torch.float32, out=out, scratch=scratch)
+        return dequantize_groups_(x, scale, minimum, self.group, dim=dim)
+
     def decode(self, workspace: Workspace | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        out = []
-        for name, packed, scale, minimum, dim, d in (
-            ("k", self.k_packed, self.k_scale, self.k_min, 1, self.dims[0]),
-            ("v", self.v_packed, self.v_scale, self.v_min, 2, self.dims[1]),
-        ):
-            if workspace is None:
-                x = unpack(packed, self.bits, d, dtype=torch.float32)
-            else:
-                x = unpack(packed, self.bits, d, out=workspace.get(name, (*packed.shape[:-1], d), torch.float32, packed.device),
-                           scratch=workspace.get("codes", packed.shape, torch.uint8, packed.device))
-            out.append(dequantize_groups_(x, scale, minimum, self.group, dim=dim).to(dtype or self.dtype))
-        return out[0], out[1]
+        k = self._dequantized("k", None).to(dtype or self.dtype)
+        return k, self._dequantized("v", None).to(dtype or self.dtype)
+
+    def scores(self, query: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+        """``q · K̂ᵀ`` with K̂ dequantized into the workspace block (then reused for the values by :meth:`mix`)."""
+        return query @ self._dequantized("k", workspace).transpose(-1, -2)
+
+    def mix(self, probs: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+        return probs @ self._dequantized("v", workspace)
 
     def concat(self, later: QuantCodec) -> QuantCodec | None:
         """This block followed by ``later`` (same pairs): codes and per-group metadata joined along the token axis —

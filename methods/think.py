@@ -55,12 +55,12 @@ class PrunedKeyCodec:
         full.scatter_(-1, self.channels.long().unsqueeze(1).expand(-1, n, -1), self.keys.to(full.dtype))
         return full, self.values.to(full.dtype)
 
-    def scores(self, query: torch.Tensor) -> torch.Tensor:
+    def scores(self, query: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         """The query restricted to the kept channels (ThinK's masked query) times the stored key channels."""
         idx = self.channels.long().unsqueeze(1).expand(-1, query.shape[1], -1)
         return query.gather(-1, idx) @ self.keys.float().transpose(-1, -2)
 
-    def mix(self, probs: torch.Tensor) -> torch.Tensor:
+    def mix(self, probs: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         return probs @ self.values.float()
 
     def concat(self, later: PrunedKeyCodec) -> PrunedKeyCodec | None:

@@ -17,6 +17,7 @@ from kvcompress.cache import Segment
 from kvcompress.compat import cache_arg
 from kvcompress.errors import KVCompressError
 from kvcompress.methods.lowrank import LowRankCodec
+from kvcompress.methods.quant import QuantCodec
 from kvcompress.methods.think import PrunedKeyCodec
 from kvcompress.quantize import dequantize_groups_, pack, quantize_groups, unpack
 
@@ -136,11 +137,45 @@ def test_quant_composes_with_token_and_head_methods() -> None:
         assert all(type(s.codec).__name__ == "QuantCodec" for s in layer.segments if s.codec is not None)
 
 
+def _quant_workspace_per_step(bits: int = 4) -> list[tuple[int, int, int]]:
+    """Decode with ``quant`` on a prompt that leaves > 94% of the context encoded (residual = group = 16); per step:
+    (workspace_bytes, one layer's dense fp32 K/V at the context, one layer's encoded K/V in fp32)."""
+    model = tiny_model("llama")
+    cfg = model.config
+    ids = prompts((600,))[0].view(1, -1)
+    cache = kvcompress.compress(model, "quant", bits=bits, group=16, residual=16)
+    per_kv_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # keys + values, fp32, batch 1
+    out = []
+    with torch.no_grad():
+        model(ids, **cache_arg(cache))
+        for step in range(40):  # crosses flushes of 16 tokens into the quantized store
+            model(torch.tensor([[5 + step]]), **cache_arg(cache))
+            encoded = max(sum(s.count for s in layer.segments if s.codec is not None) for layer in cache.layers)
+            report = cache.memory_report()
+            out.append((report["workspace_bytes"], per_kv_token * report["context_tokens"], per_kv_token * encoded))
+    return out
+
+
+def test_quant_attention_workspace_holds_one_block_not_one_per_layer() -> None:
+    """Attention dequantizes an encoded block's keys, then its values, into one per-cache buffer reused across
+    layers and steps: half of one layer's encoded K/V in fp32, plus a byte slab for unpacking (at most the packed
+    keys: bits/8 byte per element, so ≤ bits/64 of the fp32 K/V) — never K and V together, never a copy per layer
+    (every layer's encoded block is > 94% of the context here)."""
+    bits = 4
+    for workspace, _, encoded in _quant_workspace_per_step(bits):
+        assert encoded / 2 <= workspace <= encoded / 2 + encoded * bits / 64, (workspace, encoded)
+
+
+def test_quant_attention_workspace_is_at_most_one_layers_dense_kv() -> None:
+    assert all(workspace <= dense for workspace, dense, _ in _quant_workspace_per_step())
+
+
 @pytest.mark.parametrize("method", ["quant", "lowrank", "think", "heads+quant"])
 def test_decode_flushes_join_one_block_and_direct_attention_equals_reconstruction(method, monkeypatch) -> None:
     """Blocks flushed while decoding are joined to the pairs' existing block (one encoded segment per pair group,
-    however long the generation), and codecs that attend without reconstructing (lowrank, think) give the logits of
-    the reconstruct-then-attend path; both against runs with joining and the direct path switched off."""
+    however long the generation), and codecs that attend block-wise (lowrank and think on their stored form, quant
+    keys-then-values through one workspace buffer) give the logits of the reconstruct-then-attend path; both
+    against runs with joining and the direct path switched off."""
     model = tiny_model("llama")
     ids = prompts((150,))[0].view(1, -1)
 
@@ -159,7 +194,7 @@ def test_decode_flushes_join_one_block_and_direct_attention_equals_reconstructio
         assert len(groups) == len(set(groups)), "one encoded block per pair group"
     assert cache.memory_report()["workspace_bytes"] >= 0
     monkeypatch.setattr(Segment, "joined", lambda self, later: None)
-    for codec in (LowRankCodec, PrunedKeyCodec):
+    for codec in (LowRankCodec, PrunedKeyCodec, QuantCodec):
         monkeypatch.delattr(codec, "scores")
     cache_ref, reconstructed = run()
     assert sum(len(layer.segments) for layer in cache_ref.layers) > sum(len(layer.segments) for layer in cache.layers)
@@ -264,7 +299,7 @@ def test_lowrank_rank_above_head_dim_is_an_error() -> None:
 def test_lowrank_error_falls_with_rank_on_the_testbed() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eval.haystack import corpus_text
+    from kvcompress.eval.haystack import corpus_text
     from kvcompress.zoo import testbed_path
 
     path = testbed_path()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,20 @@ def test_needle_grid_full_cache(loaded):
     assert acc == [1] * len(samples)
 
 
+def test_check_cli_writes_the_grid_as_markdown(built, tmp_path):
+    from kvcompress.zoo.__main__ import main
+
+    out = tmp_path / "grid.md"
+    argv = ["check", "--path", str(built), "--lengths", "256,512", "--depths", "0,0.5,1", "--out", str(out)]
+    assert main(argv) == 0
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith(("| 256 |", "| 512 |"))]
+    assert len(rows) == 2 and all(row.count("✓") == 3 and "✗" not in row for row in rows)
+    assert "| d=0 | d=0.5 | d=1 |" in text and "100.0%" in text and "6 prompts" in text
+    assert f"{os.cpu_count()} cores" in text and "Constructed model" in text
+    assert "python -m kvcompress.zoo " + " ".join(argv) in text
+
+
 @pytest.mark.parametrize("template", ["passkey", "kamradt"])
 def test_other_templates(loaded, template):
     model, tok = loaded
@@ -163,17 +178,49 @@ def test_streaming_fails_in_the_middle_succeeds_in_the_window(loaded):
     assert acc == [0, 0, 0, 0, 1]  # 10% of 1K = 4 sinks + ~98 recent tokens: only the depth-1.0 needle is inside
 
 
-def test_random_scores_about_its_keep_rate(loaded):
-    """6-digit values = 2 answer tokens; the first comes from the prefill forward, which still sees the whole prompt,
-    the second needs the needle's 2nd value token in the retrieval head's cache, kept with probability ≈ ratio."""
+def _kept(cache, layer: int, kv_head: int) -> set[int]:
+    """Logical positions held by one KV head of a traced cache (``compress(..., trace=True)``)."""
+    return set(cache.layers[layer].positions[0, kv_head].tolist())
+
+
+def test_random_scores_its_keep_rate_as_the_circuit_predicts(loaded):
+    """``random`` at ratio r keeps ``k = round(r·n)`` of each (layer, KV head)'s n prompt entries, drawn by a hash of
+    (seed, layer, head, position); every sample gets its own seed, so keep events are independent across samples and
+    a given entry is kept with probability p = k/n ≈ r.
+
+    The value has 6 digits = 2 answer tokens. The first comes from the prefill forward, which still sees the whole
+    prompt. The second is copied by the retrieval head (KV head (1, 0)) from the needle's **one** entry that holds the
+    value's 2nd token, so: correct ⇒ that entry is kept (probability p). The retrieval query also uses the
+    previous-token head's (KV head (0, 0)) copy of the last prompt token; with both entries kept the circuit is
+    intact, so: both kept ⇒ correct (probability p²; without the last prompt token the query half-matches the
+    current position too and the answer can go either way). Hence the count of correct answers over N samples lies
+    in the binomial band of Binomial(N, p²) … Binomial(N, p), and the count with the value entry kept in that of
+    Binomial(N, p). "Clearly above": accuracy at 0.5 beyond the upper band edge of ratio 0.1 (p ≤ 0.1).
+    """
     kvc = _kvc()
     model, tok = loaded
-    samples = make_needle_samples(tok, [384], [0.5], seed=1, num_samples=30, value_digits=6)
-    acc = []
-    for s in samples:
-        s.max_new_tokens = 2
-        acc.append(score_exact_match(testbed.answer(model, tok, s, kvc.compress(model, "random", ratio=0.1)), s.answer))
-    assert sum(acc) / len(acc) <= 0.3
+    (ret_layer, ret_head), (prev_layer, prev_head) = testbed.RETRIEVAL_KV_HEADS[0], testbed.PREVIOUS_TOKEN_KV_HEADS[0]
+    samples = make_needle_samples(tok, [384], [0.5], seed=1, num_samples=48, value_digits=6)
+    correct, upper_edge = {}, {}
+    for ratio in (0.1, 0.5):
+        hits = needed = both = 0
+        p = 0.0
+        for seed, s in enumerate(samples):
+            s.max_new_tokens = 2
+            cache = kvc.compress(model, "random", ratio=ratio, seed=seed, trace=True)
+            ok = bool(score_exact_match(testbed.answer(model, tok, s, cache), s.answer))
+            has_value = s.value_token_span[0] + 1 in _kept(cache, ret_layer, ret_head)
+            has_query = s.num_tokens - 1 in _kept(cache, prev_layer, prev_head)
+            assert has_value or not ok, (ratio, seed)  # correct => the value's entry is kept
+            assert ok or not (has_value and has_query), (ratio, seed)  # both kept => correct
+            hits, needed, both = hits + ok, needed + has_value, both + (has_value and has_query)
+            p += round(ratio * s.num_tokens) / s.num_tokens / len(samples)
+        n = len(samples)
+        lo_need, hi_need = testbed.binomial_band(n, p)
+        assert lo_need <= needed <= hi_need, (ratio, needed, p)
+        assert testbed.binomial_band(n, p * p)[0] <= hits <= hi_need, (ratio, hits, p)
+        correct[ratio], upper_edge[ratio] = hits, hi_need
+    assert correct[0.5] > upper_edge[0.1], correct
     full = [score_exact_match(testbed.answer(model, tok, s), s.answer) for s in samples[:5]]
     assert full == [1.0] * 5
 

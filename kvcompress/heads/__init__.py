@@ -123,6 +123,13 @@ def kv_order(scores: dict) -> list[tuple[int, int]]:
     return sorted(pairs, key=lambda p: (-primary[p[0]][p[1]], -other[p[0]][p[1]], p[0], p[1]))
 
 
+def full_kv_heads(cache: Any, prompt_tokens: int) -> set[tuple[int, int]]:
+    """The (layer, KV head) pairs a compressed cache (batch 1) holds in full: those keeping at least the prompt's
+    ``prompt_tokens`` entries (``heads`` / ``heads_random`` keep the others to sink + recent)."""
+    kept = cache.kept_tokens()
+    return {(layer, h) for layer, row in enumerate(kept) for h, n in enumerate(row) if n >= prompt_tokens}
+
+
 def ensure_scores(model: Any, tokenizer: Any, *, verbose: bool = True, **detect_kwargs: Any) -> Path | None:
     """Make sure the score artifact of ``model`` exists (the run CLI calls this before evaluating ``heads``).
 
@@ -193,5 +200,5 @@ def heatmap(scores: dict, out: str | Path, which: str | None = None) -> Path:
 
 __all__ = [
     "config_hash", "cache_dir", "artifact_path", "save_scores", "load_scores", "find_scores", "kv_order",
-    "ensure_scores", "detect", "score_table", "heatmap",
+    "full_kv_heads", "ensure_scores", "detect", "score_table", "heatmap",
 ]

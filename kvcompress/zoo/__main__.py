@@ -3,9 +3,11 @@
 * ``build``  — build the **constructed** testbed (tokenizer + weights + ``kvcompress_testbed.json``) into DIR, or
   into the cache directory used by :func:`kvcompress.zoo.testbed_path` when DIR is omitted.
 * ``check``  — full-cache needle grid through ``model.generate`` after ``AutoModelForCausalLM.from_pretrained``:
-  ``python -m kvcompress.zoo check --lengths 256,1024,4096,8192``.
+  ``python -m kvcompress.zoo check --lengths 256,1024,4096,8192 [--out paper_tables/testbed.md]`` (``--out`` writes
+  the grid as Markdown: per length × depth results, timing, machine).
 * ``path``   — print the testbed directory (building it if needed).
-* ``train``  — the learned-testbed recipe (GPU): ``python -m kvcompress.zoo train --config configs/train/testbed-learned.yaml``.
+* ``train``  — the learned-testbed recipe (GPU):
+  ``python -m kvcompress.zoo train --config configs/train/testbed-learned.yaml``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--template", default="magic_number", choices=["magic_number", "passkey", "kamradt"])
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--out", default=None, help="write the grid as Markdown to this file (e.g. paper_tables/testbed.md)")
     sub.add_parser("path", help="print the testbed directory")
     t = sub.add_parser("train", help="learned-testbed recipe (needs a GPU for useful runs)")
     t.add_argument("--config", default=None)
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "check":
         import torch
 
-        from .testbed import check_grid
+        from .testbed import check_grid, grid_markdown
 
         torch.set_num_threads(args.threads)
         res = check_grid(
@@ -63,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
             template=args.template,
             seed=args.seed,
         )
+        if args.out:
+            command = "python -m kvcompress.zoo " + " ".join(argv if argv is not None else sys.argv[1:])
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(grid_markdown(res, command))
+            print(f"wrote {out}")
         return 0 if res["accuracy"] == 1.0 else 1
     if args.cmd == "train":
         from .train import main as train_main

@@ -37,11 +37,13 @@ head (1, 0); previous-token heads (0, 0) and (0, 1) on KV head (0, 0), which onl
 
 Measured (full cache, ``model.generate`` after ``from_pretrained``, ``python -m kvcompress.zoo check``): 100% exact
 match on magic_number needles with 3 distractor keys at lengths 256, 1K, 4K, 8K and 16K × depths 0, 0.1, …, 1
-(seed 0; seeds 1–5 at 256/1K/4K also 100%), with 10 distractors, and on passkey. Compression behaves as the circuit
-predicts: ``streaming`` at 10% answers only needles inside its recent window; ``random`` at ratio r answers a
-2-token value about r of the time (the first answer token comes from the prefill forward, which sees the whole
-prompt; the second needs the needle's entry in the retrieval head's cache); keeping only the needle's tokens plus a
-short window still answers.
+(seed 0; seeds 1–5 at 256/1K/4K also 100%), with 10 distractors, and on passkey; the seed-0 grid with timing is
+recorded in ``paper_tables/testbed.md`` (``python -m kvcompress.zoo check ... --out``). Compression behaves as the
+circuit predicts: ``streaming`` at 10% answers only needles inside its recent window; ``random`` at ratio r answers
+a 2-token value with probability between r² and r (the first answer token comes from the prefill forward, which sees
+the whole prompt; the second needs the needle's entry in the retrieval head's cache, kept with probability ≈ r, and
+is sure when the last prompt token also survives in the previous-token head's cache); keeping only the needle's
+tokens plus a short window still answers.
 
 Limits: the match is a *bigram*, so a needle whose own bigrams recur in the haystack is ambiguous: the Kamradt
 sentence ("... on a sunny day") is copied exactly up to 1K but at 4K "on a" also occurs in the pydoc haystack and
@@ -60,6 +62,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -371,21 +374,43 @@ def answer(model, tokenizer, sample, cache=None) -> str:
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def binomial_band(trials: int, p: float, tail: float = 1e-3) -> tuple[int, int]:
+    """Central band ``[lo, hi]`` of successes of Binomial(``trials``, ``p``): P(X < lo) ≤ tail and P(X > hi) ≤ tail.
+
+    For reading accuracies of random-draw controls (``random``, ``heads_random``) on the testbed, where the circuit
+    says which entries a correct answer needs, so the keep probability predicts the accuracy.
+    """
+    pmf = [math.comb(trials, x) * p**x * (1.0 - p) ** (trials - x) for x in range(trials + 1)]
+    below, lo = 0.0, 0
+    while lo < trials and below + pmf[lo] <= tail:
+        below += pmf[lo]
+        lo += 1
+    above, hi = 0.0, trials
+    while hi > 0 and above + pmf[hi] <= tail:
+        above += pmf[hi]
+        hi -= 1
+    return lo, hi
+
+
 def check_grid(
     path: str | Path | None = None,
-    lengths=(256, 1024, 4096, 8192),
-    depths=tuple(i / 10 for i in range(11)),
+    lengths: Sequence[int] = (256, 1024, 4096, 8192),
+    depths: Sequence[float] = tuple(i / 10 for i in range(11)),
     *,
     num_distractors: int = 3,
     template: str = "magic_number",
     seed: int = 0,
     verbose: bool = True,
 ) -> dict:
-    """Full-cache exact-match accuracy on a length × depth needle grid; returns per-cell results."""
+    """Full-cache exact-match accuracy on a length × depth needle grid through ``model.generate`` after
+    ``from_pretrained``; returns ``{"accuracy", "cells": {(length, depth): {...}}, "seconds": {length: s}, ...}``."""
     from kvcompress.eval.needle import make_needle_samples, score_exact_match
 
+    t_load = time.perf_counter()
     model, tok = load(path)
-    results = {}
+    load_seconds = time.perf_counter() - t_load
+    results: dict[tuple[int, float], dict] = {}
+    seconds: dict[int, float] = {}
     for length in lengths:
         t0 = time.perf_counter()
         samples = make_needle_samples(
@@ -397,12 +422,87 @@ def check_grid(
             pred = answer(model, tok, s)
             ok = score_exact_match(pred, s.answer)
             row.append(ok)
-            results[(length, s.depth)] = {"ok": ok, "pred": pred, "answer": s.answer, "tokens": s.num_tokens}
+            results[(length, s.depth)] = {"ok": ok, "pred": pred, "answer": s.answer, "tokens": s.num_tokens,
+                                          "actual_depth": s.actual_depth}
+        seconds[length] = time.perf_counter() - t0
         if verbose:
             cells = " ".join("1" if x else "0" for x in row)
-            print(f"len {length:6d}: {cells}  acc={sum(row) / len(row):.2f}  ({time.perf_counter() - t0:.1f}s)",
-                  flush=True)
+            print(f"len {length:6d}: {cells}  acc={sum(row) / len(row):.2f}  ({seconds[length]:.1f}s)", flush=True)
     acc = sum(r["ok"] for r in results.values()) / max(1, len(results))
     if verbose:
         print(f"overall exact match: {acc:.3f} over {len(results)} samples")
-    return {"accuracy": acc, "cells": results}
+    return {"accuracy": acc, "cells": results, "seconds": seconds, "load_seconds": load_seconds,
+            "lengths": list(lengths), "depths": list(depths), "num_distractors": num_distractors,
+            "template": template, "seed": seed, "path": str(path if path is not None else testbed_path())}
+
+
+def machine_info() -> dict[str, str]:
+    """Where a measurement ran: CPU model, cores, torch threads, Python / torch / transformers versions."""
+    import platform
+
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "platform": platform.platform()}
+
+
+def grid_markdown(res: dict, command: str) -> str:
+    """The :func:`check_grid` result as a Markdown page: a length × depth table of exact matches, per-length
+    timing, the machine it ran on and the command that made it."""
+    lengths, depths = res["lengths"], res["depths"]
+    cells = res["cells"]
+    mi = machine_info()
+    total = sum(res["seconds"].values())
+    distractors = f" with {res['num_distractors']} distractor keys" if res["template"] == "magic_number" else ""
+    lines = [
+        "# Constructed testbed: full-cache needle grid",
+        "",
+        (
+            "**Constructed model** (hand-set weights, not trained; see `kvcompress/zoo/testbed.py`): 100% here shows "
+            "the retrieval circuit works at every length and depth, so a compressed cache that loses accuracy lost "
+            "what the circuit needs. It says nothing about how a learned LLM would score."
+        ),
+        "",
+        (
+            "Path: `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` of the built testbed, "
+            f"then `model.generate` (greedy) with the full cache. Needle template `{res['template']}`{distractors}, "
+            f"seed {res['seed']}, exact match. Overall: **{100 * res['accuracy']:.1f}%** exact match over "
+            f"{len(cells)} prompts."
+        ),
+        "",
+        "| length | prompt tokens | " + " | ".join(f"d={d:g}" for d in depths) + " | accuracy | seconds |",
+        "|---" * (len(depths) + 4) + "|",
+    ]
+    for length in lengths:
+        row = [cells[(length, float(d))] for d in depths]
+        acc = sum(c["ok"] for c in row) / len(row)
+        tokens = sorted({c["tokens"] for c in row})
+        span = f"{tokens[0]}" if len(tokens) == 1 else f"{tokens[0]}–{tokens[-1]}"
+        marks = " | ".join("✓" if c["ok"] else f"✗ `{c['pred'].strip()}`" for c in row)
+        lines.append(f"| {length} | {span} | {marks} | {100 * acc:.0f}% | {res['seconds'][length]:.1f} |")
+    lines += [
+        "",
+        (
+            "✓ = exact match of the needle's value; ✗ shows the wrong answer. d = requested needle depth (the "
+            "generator places the needle at the nearest sentence boundary)."
+        ),
+        "",
+        (
+            f"Timing (wall clock): {total:.1f} s for the grid (generation only; model load "
+            f"{res['load_seconds']:.2f} s), {mi['torch_threads']} torch thread(s)."
+        ),
+        (
+            f"Machine: {mi['cpu']}, {mi['cores']} cores visible; Python {mi['python']}, torch {mi['torch']}, "
+            f"transformers {mi['transformers']} ({mi['platform']})."
+        ),
+        "",
+        f"Generated by `{command}`.",
+    ]
+    return "\n".join(lines) + "\n"
