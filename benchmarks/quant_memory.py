@@ -22,8 +22,9 @@ Bounds checked (all three must hold; the script exits 1 otherwise), each side me
    parameters — is reported too.)
 2. decode transient (peak − RSS right before decoding) ≤ one layer's dense K/V + the transient of the ``full``
    cache's own decode (attention scores/softmax, which any cache needs).
-3. the attention workspace — a per-cache buffer that encoded blocks are reconstructed into, reused across steps,
-   reported as ``workspace_bytes`` by ``cache.memory_report()`` — is at most one layer's dense fp32 K/V.
+3. the attention workspace — a per-cache buffer that an encoded block's keys, then values, are dequantized into,
+   reused across steps, reported as ``workspace_bytes`` by ``cache.memory_report()`` — is at most one layer's dense
+   fp32 K/V.
 
 ``--out`` writes the figures as Markdown (default ``paper_tables/quant_memory.md``).
 """
@@ -46,6 +47,7 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import kvcompress  # noqa: E402
+from kvcompress.quantize import SLAB_BYTES  # noqa: E402
 from kvcompress.zoo.testbed import load, machine_info  # noqa: E402
 
 
@@ -116,7 +118,10 @@ def markdown(rows: list[dict], checks: list[tuple[str, int, int]], model_bytes: 
              args, seconds: float, layers: int) -> str:
     q = rows[0]
     mi = machine_info()
-    predicted = q["one_layer_dense_kv"] * q["encoded_tokens"] / q["context"] * (1 + args.bits / 64)
+    # Workspace: one encoded block's keys *or* values in fp32 (half of the layer's encoded K/V) + the unpack slab.
+    block = q["one_layer_dense_kv"] * q["encoded_tokens"] / q["context"] / 2
+    packed_keys = block * args.bits / 32
+    predicted = block + min(packed_keys, SLAB_BYTES)
     over = q["peak_rss"] - baseline - model_bytes - q["resident_cache"]
     lines = [
         "# Peak memory while decoding with `quant` (KIVI layout) on the constructed testbed",
@@ -147,12 +152,11 @@ def markdown(rows: list[dict], checks: list[tuple[str, int, int]], model_bytes: 
         (f"Above baseline + model + resident cache, decoding with `quant` peaks {over * MB:.2f} MiB higher, mostly the "
          f"attention workspace ({q['workspace'] * MB:.2f} MiB, allocated once and reused) plus the per-step transient "
          f"({q['transient'] * MB:.2f} MiB; the `full` cache's decode needs {rows[1]['transient'] * MB:.2f} MiB), "
-         f"against {q['one_layer_dense_kv'] * MB:.2f} MiB allowed for one layer's dense K/V. The workspace holds one layer's "
-         "encoded keys and values in fp32 (`k`, `v`) plus a uint8 scratch for the unpacked codes (`codes`, bits/8 "
-         "byte per element), so it is one layer's dense K/V × (encoded tokens / context) × (1 + bits/64) = "
-         f"{q['one_layer_dense_kv'] * MB:.2f} × {q['encoded_tokens']}/{q['context']} × {1 + args.bits / 64:g} = "
-         f"{predicted * MB:.2f} MiB (measured {q['workspace'] * MB:.2f}): above one layer's dense K/V once more than "
-         f"{1 / (1 + args.bits / 64):.1%} of the context is encoded."),
+         f"against {q['one_layer_dense_kv'] * MB:.2f} MiB allowed for one layer's dense K/V. The attention dequantizes "
+         "an encoded block's keys, takes the scores, then its values into the same fp32 buffer, so the workspace "
+         "holds half of one layer's encoded K/V plus a byte slab for unpacking (the packed keys, at most "
+         f"{SLAB_BYTES / 1024:.0f} KiB): {q['one_layer_dense_kv'] * MB:.2f} × {q['encoded_tokens']}/{q['context']} / 2 + "
+         f"{min(packed_keys, SLAB_BYTES) * MB:.2f} = {predicted * MB:.2f} MiB (measured {q['workspace'] * MB:.2f})."),
         "",
         (f"For scale: a whole-cache dequantized copy would be {layers * q['one_layer_dense_kv'] * MB:.2f} MiB "
          f"({layers} layers × one layer's dense K/V). The attention reconstructs encoded blocks one at a time into "
