@@ -127,6 +127,7 @@ class Compressor:
             self.ratio = check_ratio(self.ratio)
         if getattr(self, "budget", None) is not None:
             self.budget = check_positive_int(self.budget, "budget")
+        check_budget_fields(self)
 
     def active(self, phase: str) -> bool:
         return phase in self.phases

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .compat import cache_arg
-from .compressor import Axis, CompressionContext, Compressor, LayerView, check_budget_fields, kept_counts, topk_mask
+from .compressor import Axis, CompressionContext, Compressor, LayerView, kept_counts, topk_mask
 from .errors import KVCompressError, check_non_negative_int, unknown_choice
 
 ALLOCATIONS = ("uniform", "adakv")
@@ -233,7 +233,6 @@ class ScoredTokenCompressor(Compressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_budget_fields(self)
         check_non_negative_int(self.sink, "sink")
         check_non_negative_int(self.window, "window")
         if self.allocation not in ALLOCATIONS:

@@ -30,7 +30,6 @@ from kvcompress.compressor import (
     CompressionContext,
     Compressor,
     LayerView,
-    check_budget_fields,
     make_compressor,
     register,
 )
@@ -82,7 +81,6 @@ class Merge(Compressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_budget_fields(self)
         if isinstance(self.scorer, str):
             if self.scorer not in SCORERS:
                 raise unknown_choice("scorer", self.scorer, SCORERS)

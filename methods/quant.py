@@ -31,7 +31,15 @@ import torch
 
 from kvcompress.compressor import CompressionContext, Workspace, register
 from kvcompress.errors import KVCompressError, check_non_negative_int, check_positive_int
-from kvcompress.quantize import SLAB_BYTES, ResidualHidden, check_bits, dequantize_groups_, pack, quantize_groups, unpack
+from kvcompress.quantize import (
+    SLAB_BYTES,
+    ResidualHidden,
+    check_bits,
+    dequantize_groups_,
+    pack,
+    quantize_groups,
+    unpack,
+)
 
 
 @dataclass

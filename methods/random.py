@@ -18,7 +18,6 @@ from kvcompress.compressor import (
     CompressionContext,
     Compressor,
     LayerView,
-    check_budget_fields,
     counter_hash,
     kept_counts,
     register,
@@ -38,7 +37,6 @@ class Random(Compressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_budget_fields(self)
 
     def select(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
         heads = torch.arange(view.valid.shape[1]).view(1, -1, 1)

@@ -34,7 +34,6 @@ from kvcompress.compressor import (
     CompressionContext,
     Compressor,
     LayerView,
-    check_budget_fields,
     kept_counts,
     register,
     sink_and_recent_mask,
@@ -57,7 +56,6 @@ class Streaming(Compressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_budget_fields(self)
         check_non_negative_int(self.sink, "sink")
         if self.window is not None:
             check_non_negative_int(self.window, "window")
