@@ -14,7 +14,8 @@ def test_quick_config_tiny(tmp_path) -> None:
     results = main([
         "--config", "quick", f"out_md={md}", f"out_json={js}",
         "bandwidth.size_mib=8", "bandwidth.repeats=2",
-        "prefill.contexts=[256]", "prefill.methods=[full,snapkv]", "prefill.repeats=1",
+        "prefill.contexts=[256]", "prefill.methods=[full,snapkv,knorm]", "prefill.repeats=1",
+        "prefill.methods_by_model={kv-heavy:[full,snapkv]}", "prefill.repeats_by_model={kv-heavy: 2}",
         "decode.contexts=[256]", "decode.variants=[dynamic,full,snapkv@0.5]", "decode.steps=2", "decode.repeats=1",
         "decode.attention_iters=2", "decode.attention_repeats=1",
         "memory.context=256", "memory.steps=2", "memory.methods=[full,snapkv]",
@@ -23,6 +24,9 @@ def test_quick_config_tiny(tmp_path) -> None:
     data = json.loads(js.read_text())
     assert {"bandwidth", "prefill", "decode", "memory", "throughput", "machine"} <= set(data)
     assert data["machine"]["torch_threads"] >= 1
+    pre = data["prefill"]["kv-heavy"]["contexts"]["256"]
+    assert set(pre["methods"]) == {"full", "snapkv"} and pre["repeats"] == 2  # per-model method list and repeats
+    assert "% of the prefill FLOPs at 4K" in data["models"]["kv-heavy"]
     dec = data["decode"]["kv-heavy"]["contexts"]["256"]
     assert set(dec["rows"]) == {"dynamic", "full", "snapkv@0.5"} and dec["full_vs_dynamic"]["n"] == 1
     assert dec["rows"]["snapkv@0.5"]["kept_fraction"] < 0.6

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in cfg.prefill.models:
             bm = get_model(name)
             base = resolve_methods(cfg.prefill.methods, cfg.prefill.get("exclude"))
+            only_methods = (cfg.prefill.get("methods_by_model", {}) or {}).get(name)
+            if only_methods is not None:
+                base = [m for m in base if m in only_methods]
             by_ctx = {}
             for c in cfg.prefill.contexts:
                 only = (cfg.prefill.get("models_by_context", {}) or {}).get(c)

@@ -120,8 +120,20 @@ def load_bench_model(spec: Any) -> BenchModel:
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     desc = (f"{name}: {layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} query / {kv_heads} KV heads "
             f"of dim {head_dim}, vocab {cfg.vocab_size}, fp32; {params / MiB:.1f} MiB of parameters, "
-            f"KV {kv_per_token / 1024:.1f} KiB/token ({16384 * kv_per_token / MiB:.0f} MiB at 16K)")
+            f"KV {kv_per_token / 1024:.1f} KiB/token ({16384 * kv_per_token / MiB:.0f} MiB at 16K); attention "
+            f"{100 * attention_share(model, 4096):.0f}% of the prefill FLOPs at 4K")
     return BenchModel(name, model, tokenizer, params, kv_per_token, desc)
+
+
+def attention_share(model: torch.nn.Module, n: int) -> float:
+    """Causal attention FLOPs (QKᵀ and AV, :meth:`ModelProfile.attention_flops`) over all prefill FLOPs of ``n``
+    tokens, the decoder layers' matmuls being ``2 · layer parameters · n``: what bounds the relative cost of a scorer
+    that makes one more pass over the attention scores (H2O's accumulated attention)."""
+    from kvcompress.latency.model_profile import load_model_profile
+
+    attention = load_model_profile(model.config).attention_flops(n)
+    layer_params = sum(p.numel() for p in model.model.layers.parameters())
+    return attention / (attention + 2.0 * layer_params * n)
 
 
 def prompt_ids(model: torch.nn.Module, n: int, seed: int = 0) -> torch.Tensor:

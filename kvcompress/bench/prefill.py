@@ -52,6 +52,7 @@ def run(bm: BenchModel, cfg: Any, methods_by_context: dict[int, list[str]], log)
     for context, methods in methods_by_context.items():
         ids = prompt_ids(bm.model, context)
         repeats = int(cfg.repeats_by_context.get(context, cfg.repeats)) if "repeats_by_context" in cfg else int(cfg.repeats)
+        repeats = int((cfg.get("repeats_by_model", {}) or {}).get(bm.name, repeats))
         every = int(cfg.plain_every_by_context.get(context, cfg.plain_every)) if "plain_every_by_context" in cfg \
             else int(cfg.plain_every)
         if first:  # warm-up: first-call allocations, lazy imports, artifacts
