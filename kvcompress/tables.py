@@ -207,7 +207,9 @@ def table_notes(rows: list[dict[str, Any]]) -> list[str]:
     notes.append(
         f"Deployment ratios (Fu 2024's model): the configuration's kept fractions projected onto {where}, relative to "
         "the full cache; concurrency × > 1 and decode/switch × < 1 are better. Kept fraction, kept MiB and the ratios "
-        "come from the configuration's needle row, else its RULER, LongBench or other row."
+        "come from the configuration's needle row, else its RULER, LongBench or other row. The projection keeps each "
+        "layer's measured mix of storage per element, so a fixed-size full-precision part (quant's residual window) "
+        "keeps its share of a short evaluated context: over-charged at the target's longer context."
     )
     names = dict(ACCURACY_COLUMNS)
     for task in _tasks(rows):

@@ -305,7 +305,9 @@ def project(profile: CompressionProfile, target_model_profile: ModelProfile, tar
       scale with the target dtype, integer codes, float16 scales and indices keep their absolute bits. Without a
       split: a source width ≥ its dtype width means "not quantised" and becomes the target dtype width; a
       narrower width (a quantised cache) is kept as is. Kept dims scale with d_h,t / d_h,s, and so does the
-      per-entry metadata (it is per group of channels);
+      per-entry metadata (it is per group of channels). The measured per-element mix is carried over as it is, so
+      a fixed-size full-precision part (``quant``'s residual window of R tokens) keeps its measured share of the
+      tokens: projected from a short context to a long one it is over-charged (R / n_source instead of R / n_target);
     * layer j is shared iff layer i is shared and an earlier target layer is stored (it then reuses the latest
       stored one); layer j skips its prefill K/V projection iff layer i does;
     * ``extra_prefill_flops`` keeps its fraction of the dense prefill FLOPs (2·P_active·n + attention).
