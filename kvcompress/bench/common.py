@@ -126,12 +126,13 @@ def load_bench_model(spec: Any) -> BenchModel:
 
 
 def attention_share(model: torch.nn.Module, n: int) -> float:
-    """Causal attention FLOPs (QKᵀ and AV, :meth:`ModelProfile.attention_flops`) over all prefill FLOPs of ``n``
-    tokens, the decoder layers' matmuls being ``2 · layer parameters · n``: what bounds the relative cost of a scorer
-    that makes one more pass over the attention scores (H2O's accumulated attention)."""
+    """Causal attention FLOPs (QKᵀ and AV) over all prefill FLOPs of ``n`` tokens, the decoder layers' matmuls being
+    ``2 · layer parameters · n``: what bounds the relative cost of a scorer that makes one more pass over the
+    attention scores (H2O's accumulated attention). :meth:`ModelProfile.attention_flops` is Fu 2024's term,
+    ``2·d_attn·Σ_i i`` (one of the two matmuls, Kaplan et al.'s convention); both together are twice that."""
     from kvcompress.latency.model_profile import load_model_profile
 
-    attention = load_model_profile(model.config).attention_flops(n)
+    attention = 2.0 * load_model_profile(model.config).attention_flops(n)
     layer_params = sum(p.numel() for p in model.model.layers.parameters())
     return attention / (attention + 2.0 * layer_params * n)
 
