@@ -9,7 +9,9 @@ Layout of one :class:`KVCompressLayer`:
   allocated to the exact size.
 * ``segments`` — ragged storage for when rows or KV heads keep different numbers of tokens: each
   :class:`Segment` holds the (row, head) pairs that keep the same count ``c``, as ``(pairs, c, head_dim)`` tensors.
-  Nothing is padded, so the bytes held are the bytes kept.
+  Nothing is padded, so the bytes held are the bytes kept. A hidden codec's block flushed while decoding is joined
+  to the same pairs' previous block (codec ``concat``): one copy of the encoded layer per flush (every ``chunk``
+  steps), so attention loops over one block per pair group however long the generation.
 
 A layer is *pristine* until its first compression: the buffer then holds every logical position (left padding
 included, as ``DynamicCache`` does) and attention is the stock sdpa path with the model's own mask, so an
@@ -200,13 +202,13 @@ class KVCompressLayer(CacheLayerMixin):
         self.values[:, :, self.length : need] = v
         self.length = need
 
-    def _headroom(self) -> int:
+    def _headroom(self, leaving: int = 0) -> int:
         """Spare buffer slots to reserve when growing: under 1% of what the layer holds (at least one slot), so
         resident bytes stay within 1% of kept bytes while a regrow (a copy of the buffer) happens once every
-        ~1/128 of the layer's size in appended tokens."""
+        ~1/128 of the layer's size in appended tokens. ``leaving``: used buffer slots about to be dropped."""
         b, h = self.keys.shape[:2]
         slot = b * h * (self.keys.shape[-1] + self.values.shape[-1]) * self.keys.element_size()
-        return max(1, self.kept_bytes() // 128 // slot)
+        return max(1, (self.kept_bytes() - leaving * slot) // 128 // slot)
 
     def _rebuffer(self, start: int, capacity: int) -> None:
         """Move the used slots ``[start, length)`` to the front of fresh buffers of ``capacity`` slots."""
@@ -409,9 +411,7 @@ class KVCompressLayer(CacheLayerMixin):
             self.positions = self.positions[:, :, n : self.length].clone()
         # The buffer now holds only the residual window: move it into a fresh buffer (exact size after prefill, the
         # usual ≤1% headroom while decoding), so the prefill-sized or pre-flush capacity is released.
-        self._rebuffer(n, self.length - n)
-        if ctx.phase != "prefill":
-            self._rebuffer(0, self.length + self._headroom())
+        self._rebuffer(n, self.length - n + (0 if ctx.phase == "prefill" else self._headroom(leaving=n)))
         self.pristine = False
         return True
 

@@ -152,8 +152,9 @@ class Workspace:
     """Reusable scratch buffers for reconstructing encoded blocks inside attention, one block at a time.
 
     A decode step that reconstructs a long block into a freshly allocated tensor pays for new pages every step (the
-    allocator returns large blocks to the OS); reusing one buffer per slot avoids that. Not cache data: it holds at
-    most one block's keys and values in float32 and is reported apart (``workspace_bytes``). Views returned by
+    allocator returns large blocks to the OS); reusing one buffer per slot avoids that. Not cache data: ``quant``
+    holds one block's keys *or* values in float32 plus an unpack slab there, reported apart (``workspace_bytes``);
+    codecs that attend on their stored form (``lowrank``, ``think``) use none. Views returned by
     :meth:`get` stay valid until the next :meth:`get` of the same slot.
     """
 

@@ -38,6 +38,7 @@ from .compressor import available_methods
 from .distributed import is_main_process
 from .errors import KVCompressError, unknown_choice
 from .latency import latency_block
+from .latency.profile import describe_prefill_saving
 from .models import load_model
 from .results import append_row, check_writable, provenance, read_rows
 
@@ -193,7 +194,7 @@ def _prefill_costs(cache: kvcompress.KVCompressCache, config: Any, context: int)
     return {
         "extra_prefill_flops": extra,
         "prefill_skips_kv_layers": sorted(skips),
-        "prefill_saving": f"skips K/V of layers {sorted(skips)}" if skips else "memory-only",
+        "prefill_saving": describe_prefill_saving(skips),
     }
 
 

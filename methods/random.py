@@ -35,9 +35,6 @@ class Random(Compressor):
     budget: int | None = None
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-
     def select(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
         heads = torch.arange(view.valid.shape[1]).view(1, -1, 1)
         scores = counter_hash(self.seed, ctx.layer_idx, heads, view.rank())

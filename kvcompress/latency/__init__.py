@@ -9,13 +9,13 @@ CLI: ``python -m kvcompress.latency model=yi-34b-200k context=50000 hardware=a10
 
 from .block import DEPLOYMENT_TARGET, latency_block
 from .hardware import (
-                       DEFAULT_HARDWARE,
-                       EFFICIENCY_PRESETS,
-                       Efficiency,
-                       HardwareProfile,
-                       list_hardware,
-                       load_efficiency,
-                       load_hardware,
+    DEFAULT_HARDWARE,
+    EFFICIENCY_PRESETS,
+    Efficiency,
+    HardwareProfile,
+    list_hardware,
+    load_efficiency,
+    load_hardware,
 )
 from .metrics import CONVENTIONS, LatencyReport, Metrics, Workload, estimate, kv_replication, parse_tokens, truncate
 from .model_profile import ModelProfile, list_model_presets, load_model_profile

@@ -185,10 +185,8 @@ class CompressionProfile:
         return dataclasses.replace(self, context_tokens=context, kept_tokens=rows)
 
     def prefill_saving(self) -> str:
-        """What the prefill saves: ``"memory-only"`` (every layer's K/V is still computed) or ``"skips K/V of layers
-        [...]"`` (those layers' K/V projections are not computed; the prefill term subtracts their FLOPs)."""
-        skips = sorted(set(self.prefill_skips_kv_layers))
-        return f"skips K/V of layers {skips}" if skips else "memory-only"
+        """What the prefill saves (:func:`describe_prefill_saving` of this profile's skipped layers)."""
+        return describe_prefill_saving(self.prefill_skips_kv_layers)
 
     # ---- constructors ------------------------------------------------------------------------------------
     @classmethod
@@ -289,6 +287,13 @@ def _opt(value: Any, n: int, name: str) -> list[float]:
     if isinstance(value, Sequence) and not isinstance(value, str) and any(v is None for v in value):
         raise KVCompressError(f"{name} has a None entry; valid: one number per layer ({n}) or a scalar")
     return _per_layer(value, n, 0.0, name)
+
+
+def describe_prefill_saving(skipped_layers: Sequence[int]) -> str:
+    """``"memory-only"`` (every layer's K/V is still computed during the prefill) or ``"skips K/V of layers [...]"``
+    (those layers' K/V projections are not computed; the prefill term subtracts their FLOPs)."""
+    skips = sorted(set(skipped_layers))
+    return f"skips K/V of layers {skips}" if skips else "memory-only"
 
 
 def project(profile: CompressionProfile, target_model_profile: ModelProfile, target_context: int,

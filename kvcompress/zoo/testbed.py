@@ -436,29 +436,14 @@ def check_grid(
             "template": template, "seed": seed, "path": str(path if path is not None else testbed_path())}
 
 
-def machine_info() -> dict[str, str]:
-    """Where a measurement ran: CPU model, cores, torch threads, Python / torch / transformers versions."""
-    import platform
-
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "platform": platform.platform()}
-
-
 def grid_markdown(res: dict, command: str) -> str:
     """The :func:`check_grid` result as a Markdown page: a length × depth table of exact matches, per-length
     timing, the machine it ran on and the command that made it."""
     lengths, depths = res["lengths"], res["depths"]
     cells = res["cells"]
-    mi = machine_info()
+    from kvcompress.bench.common import machine
+
+    mi = machine()
     total = sum(res["seconds"].values())
     distractors = f" with {res['num_distractors']} distractor keys" if res["template"] == "magic_number" else ""
     lines = [
@@ -499,7 +484,7 @@ def grid_markdown(res: dict, command: str) -> str:
             f"{res['load_seconds']:.2f} s), {mi['torch_threads']} torch thread(s)."
         ),
         (
-            f"Machine: {mi['cpu']}, {mi['cores']} cores visible; Python {mi['python']}, torch {mi['torch']}, "
+            f"Machine: {mi['cpu']}, {mi['logical_cpus']} cores visible; Python {mi['python']}, torch {mi['torch']}, "
             f"transformers {mi['transformers']} ({mi['platform']})."
         ),
         "",
