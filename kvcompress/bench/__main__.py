@@ -1,4 +1,6 @@
-"""``python -m kvcompress.bench [--config default|quick|PATH.yaml] [key=value ...]`` — see the package docstring."""
+"""``python -m kvcompress.bench [--config default|quick|PATH.yaml] [key=value ...]`` — see the package docstring.
+
+``python -m kvcompress.bench gpu [...]`` is the GPU acceptance run (:mod:`kvcompress.bench.gpu`, its own options)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,11 @@ def log(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if raw[:1] == ["gpu"]:  # the GPU acceptance run has its own options (bench/gpu.py); exits with its status
+        from . import gpu
+
+        raise SystemExit(gpu.main(raw[1:]))
     parser = argparse.ArgumentParser(prog="python -m kvcompress.bench", description=__doc__)
     parser.add_argument("--config", default="default", help="config name under configs/bench/ or a YAML path")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dot-list overrides, e.g. decode.repeats=3")
