@@ -30,36 +30,36 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return (probs @ values).reshape(b, hq, 1, -1).transpose(1, 2)
 
 
-class _Accumulator:
-    """Running (output, max, sum) per pair and query, merged part by part (log-sum-exp)."""
-
-    def __init__(self, pairs: int, m: int, d_v: int, device: torch.device):
-        self.out = torch.zeros(pairs, m, d_v, device=device)
-        self.top = torch.full((pairs, m), float("-inf"), device=device)
-        self.total = torch.zeros(pairs, m, device=device)
-
-    def add(self, out: torch.Tensor, top: torch.Tensor, total: torch.Tensor, ids: torch.Tensor | None = None) -> None:
-        """Merge a part covering every pair (``ids`` None) or the pairs ``ids``."""
-        cur_top = self.top if ids is None else self.top[ids]
-        new_top = torch.maximum(cur_top, top)
-        shift = torch.where(torch.isfinite(new_top), new_top, torch.zeros_like(new_top))
-        a_old, a_new = torch.exp(cur_top - shift), torch.exp(top - shift)
-        if ids is None:
-            self.out.mul_(a_old.unsqueeze(-1)).add_(out * a_new.unsqueeze(-1))
-            self.total.mul_(a_old).add_(total * a_new)
-            self.top = new_top
-            return
-        self.out[ids] = self.out[ids] * a_old.unsqueeze(-1) + out * a_new.unsqueeze(-1)
-        self.total[ids] = self.total[ids] * a_old + total * a_new
-        self.top[ids] = new_top
+#: the logit offset of a part holding nothing for a pair (−inf clamped: exp(−inf − offset) stays 0, no NaN)
+_LOWEST = torch.finfo(torch.float32).min
 
 
 def _softmax_part(scores: torch.Tensor, mix: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(output, max, sum) of float32 ``scores (..., n)``; ``mix(p)`` = p·V."""
     top = scores.amax(-1)
-    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    p = torch.exp(scores - shift.unsqueeze(-1))
+    p = torch.exp(scores - top.clamp(min=_LOWEST).unsqueeze(-1))
     return mix(p), top, p.sum(-1)
+
+
+def _combine(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Exact softmax output from parts ``(out (pairs, m, d_v), max (pairs, m), sum (pairs, m))`` that each cover
+    every pair: rescale each part to the common maximum and divide (a fixed number of ops for any number of parts)."""
+    if len(parts) == 1:
+        out, _, total = parts[0]
+        return out / total.unsqueeze(-1)
+    tops = torch.stack([top for _, top, _ in parts])  # (parts, pairs, m)
+    weights = torch.exp(tops - tops.amax(0).clamp(min=_LOWEST))
+    total = (weights * torch.stack([t for _, _, t in parts])).sum(0)
+    out = (weights.unsqueeze(-1) * torch.stack([o for o, _, _ in parts])).sum(0)
+    return out / total.unsqueeze(-1)
+
+
+def _spread(part: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ids: torch.Tensor, pairs: int):
+    """A part computed for the pairs ``ids`` as one covering every pair (nothing held for the others)."""
+    out, top, total = part
+    full_out = out.new_zeros((pairs, *out.shape[1:])).index_copy_(0, ids, out)
+    full_top = top.new_full((pairs, *top.shape[1:]), float("-inf")).index_copy_(0, ids, top)
+    return full_out, full_top, total.new_zeros((pairs, *total.shape[1:])).index_copy_(0, ids, total)
 
 
 def merged_attention(query: torch.Tensor, layer: KVCompressLayer, causal: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -72,24 +72,27 @@ def merged_attention(query: torch.Tensor, layer: KVCompressLayer, causal: torch.
     g = hq // h
     pairs, m = b * h, g * q_len
     q = query.reshape(pairs, m, d)  # query head h*g + j serves KV head h (as repeat_kv); rows (j, query)
-    acc = _Accumulator(pairs, m, values.shape[-1], query.device)
-    for seg in layer.segments:  # encoded blocks, oldest first (order does not matter for an exact merge)
-        ids = seg.rows * h + seg.heads
-        qs = q[ids].float()
+    parts = []
+    every_pair = tuple(range(pairs))
+    for seg in layer.segments:  # encoded blocks (the order of parts does not matter for an exact merge)
+        whole = seg.pairs == every_pair  # a dense layer's block: every pair, in order (host check)
+        ids = None if whole else seg.rows * h + seg.heads
+        qs = (q if whole else q.index_select(0, ids)).float()
         codec = seg.codec
         if hasattr(codec, "scores"):
-            acc.add(*_softmax_part(codec.scores(qs, layer.cache.workspace) * scaling,
-                                   lambda p: codec.mix(p, layer.cache.workspace)), ids=ids)
+            part = _softmax_part(codec.scores(qs, layer.cache.workspace) * scaling,
+                                 lambda p, c=codec: c.mix(p, layer.cache.workspace))
         else:
             seg_k, seg_v = seg.kv(layer.cache.workspace, torch.float32)  # reconstructed, one block at a time
-            acc.add(*_softmax_part((qs @ seg_k.transpose(-1, -2)) * scaling, lambda p: p @ seg_v), ids=ids)
+            part = _softmax_part((qs @ seg_k.transpose(-1, -2)) * scaling, lambda p, v=seg_v: p @ v)
+        parts.append(part if whole else _spread(part, ids, pairs))
     if layer.ragged is not None:
-        acc.add(*layer.ragged.attend(q.to(layer.ragged.keys.dtype), scaling))
+        parts.append(layer.ragged.attend(q.to(layer.ragged.keys.dtype), scaling))
     if keys.shape[-2] > 0:
         scores = (q.view(b, h, m, d).to(keys.dtype) @ keys.transpose(-1, -2)).float() * scaling  # (b, h, m, n)
         if causal is not None:
             scores = scores.view(b, h, g, q_len, -1).masked_fill(~causal, float("-inf")).view(b, h, m, -1)
         out, top, total = _softmax_part(scores, lambda p: (p.to(values.dtype) @ values).float())
-        acc.add(out.view(pairs, m, -1), top.view(pairs, m), total.view(pairs, m))
-    out = acc.out / acc.total.unsqueeze(-1)
+        parts.append((out.view(pairs, m, -1), top.view(pairs, m), total.view(pairs, m)))
+    out = _combine(parts)
     return out.view(b, hq, q_len, -1).transpose(1, 2).to(query.dtype)

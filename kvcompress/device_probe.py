@@ -198,21 +198,35 @@ def to_cpu(x: Any) -> Any:
     return tree_map(lambda t: t.payload if isinstance(t, VirtualTensor) else t, x)
 
 
+#: ops that only allocate or describe memory: no kernel runs for them on an accelerator
+_NO_KERNEL = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten._unsafe_view.default,
+              aten.lift_fresh.default, aten.result_type.Tensor, aten.result_type.Scalar, aten.result_type.Scalar_Tensor}
+
+
+def launches_kernel(func: Any) -> bool:
+    """Whether an aten op runs a kernel on an accelerator: not a view (its result aliasing an input without writing
+    it), not a bare allocation."""
+    returns = func._schema.returns
+    view = bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+    return not view and func not in _NO_KERNEL and func not in (aten.detach.default, aten.alias.default)
+
+
 class _OpCounter(TorchDispatchMode):
-    def __init__(self, counts: Counter):
+    def __init__(self, counts: Counter, kernels_only: bool):
         super().__init__()
-        self.counts = counts
+        self.counts, self.kernels_only = counts, kernels_only
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func not in (aten.detach.default, aten.alias.default):  # bookkeeping, no kernel
+        if launches_kernel(func) if self.kernels_only else func not in (aten.detach.default, aten.alias.default):
             self.counts[func.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
-def count_ops() -> Iterator[Counter]:
-    """Count the aten ops dispatched in the block, by name (the ``Counter``'s total is the op count). Views count:
-    they are cheap on any device but each is a dispatcher call."""
+def count_ops(kernels_only: bool = False) -> Iterator[Counter]:
+    """Count the aten ops dispatched in the block (below autograd, composite ops already decomposed), by name: the
+    ``Counter``'s total is the op count. ``kernels_only``: only ops that run a kernel on an accelerator (views and
+    bare allocations left out) — about the kernel launches of the block on CUDA."""
     counts: Counter = Counter()
-    with _OpCounter(counts):
+    with _OpCounter(counts, kernels_only):
         yield counts

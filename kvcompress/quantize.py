@@ -69,15 +69,20 @@ def unpack(
     scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`pack`: the first ``n`` codes of the last axis, as ``dtype``, written into ``out`` (shape
-    ``(*packed.shape[:-1], n)``) if given. Codes go straight into the output one bit-plane at a time, in slabs of
-    rows; the only temporary is one byte slab of at most :data:`SLAB_BYTES` (``scratch``, a uint8 buffer of at least
-    that size or of ``packed``'s, is reused for it if given)."""
+    ``(*packed.shape[:-1], n)``) if given. On the CPU, codes go straight into the output one bit-plane at a time, in
+    slabs of rows; the only temporary is one byte slab of at most :data:`SLAB_BYTES` (``scratch``, a uint8 buffer of
+    at least that size or of ``packed``'s, is reused for it if given). On an accelerator every plane is unpacked at
+    once (a byte temporary of the codes' size, a quarter of a float32 output) in a fixed number of kernels."""
     bits = check_bits(bits)
     if out is None:
         out = torch.empty((*packed.shape[:-1], n), dtype=dtype, device=packed.device)
     if bits == 8:
         return out.copy_(packed[..., :n])
     per, mask = 8 // bits, (1 << bits) - 1
+    if packed.device.type != "cpu":  # an accelerator: all planes at once, a fixed number of kernels for any size
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (per,)
+        codes = torch.bitwise_and(torch.bitwise_right_shift(packed.unsqueeze(-1), shifts), mask)  # (..., m, per)
+        return out.copy_(codes.flatten(-2)[..., :n])
     m = packed.shape[-1]
     src, dst = packed.reshape(-1, m), out.view(-1, n)
     rows = max(1, min(src.shape[0], SLAB_BYTES // max(1, m)))
@@ -184,8 +189,9 @@ def record_error(ctx: CompressionContext, k: tuple[float, float], v: tuple[float
 @dataclass
 class ResidualHidden(HiddenCompressor):
     """Base of the hidden-axis methods: a full-precision residual window of the newest tokens, encoding in chunks,
-    the same rule for ragged segments as for the dense buffer (see the module docstring), and the per-layer
-    reconstruction error recorded at every encode. Subclasses implement :meth:`encode_block`."""
+    the same rule for ragged layers as for the dense buffer (see the module docstring), and, with the cache's
+    ``diagnostics`` on, the per-layer reconstruction error recorded at every encode. Subclasses implement
+    :meth:`encode_block`."""
 
     def residual_tokens(self) -> int:
         return int(getattr(self, "residual", 0))
@@ -200,7 +206,8 @@ class ResidualHidden(HiddenCompressor):
     def encode(self, keys: torch.Tensor, values: torch.Tensor, ctx: CompressionContext, rows: torch.Tensor,
                heads: torch.Tensor, positions: torch.Tensor | None = None) -> Any:
         codec = self.encode_block(keys, values, rows, heads, ctx)
-        with torch.no_grad():
-            k_hat, v_hat = codec.decode()
-            record_error(ctx, relative_error(keys, k_hat), relative_error(values, v_hat))
+        if ctx.cache.diagnostics:  # opt-in: a full decode of the block and a host sync
+            with torch.no_grad():
+                k_hat, v_hat = codec.decode()
+                record_error(ctx, relative_error(keys, k_hat), relative_error(values, v_hat))
         return codec

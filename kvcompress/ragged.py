@@ -142,7 +142,7 @@ class Ragged:
         tail_s = torch.bmm(query.index_select(0, self.tail_pair), tail_k.unsqueeze(-1)).squeeze(-1).float() * scaling
         top = torch.maximum(_segment(page_s.amax(-1), self.pages_per_pair, "max"),
                             _segment(tail_s, self.tails_per_pair, "max"))  # (pairs, m)
-        shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        shift = top.clamp(min=torch.finfo(torch.float32).min)  # −inf (a pair holding nothing) → finite
         page_p = torch.exp(page_s - shift.index_select(0, self.page_pair).unsqueeze(-1))  # (pages, m, page)
         tail_p = torch.exp(tail_s - shift.index_select(0, self.tail_pair))  # (tail, m)
         total = _segment(page_p.sum(-1), self.pages_per_pair, "sum") + _segment(tail_p, self.tails_per_pair, "sum")
