@@ -21,7 +21,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from . import bandwidth, decode, memory, prefill, report, throughput  # noqa: E402
+from . import bandwidth, decode, memory, ops, prefill, report, throughput  # noqa: E402
 from .common import BenchModel, axis_of, load_avg, load_bench_model, machine, prepare, resolve_methods  # noqa: E402
 
 
@@ -134,6 +134,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log(f"  bandwidth (pooled) copy {results['bandwidth']['bandwidth_GBps']['median']:.2f} GB/s, "
                 f"read {results['bandwidth']['read_GBps']['median']:.2f} GB/s")
             save()
+    if "ops" in parts:
+        bm = get_model(cfg.ops.model)
+        prepare(bm, sorted({decode.parse_variant(v)[0] for v in cfg.ops.variants}))
+        results["ops"] = {cfg.ops.model: ops.run(bm, cfg.ops, log)}
+        save()
     if "memory" in parts:
         results["memory"] = {}
         for name in cfg.memory.models:

@@ -221,6 +221,13 @@ def storage_bytes(cache: Any) -> int:
     for layer in cache.layers:
         if getattr(layer, "is_initialized", False) and layer.keys is not None:
             tensors += [layer.keys, layer.values]
+        if getattr(layer, "positions", None) is not None:
+            tensors.append(layer.positions)
+        ragged = getattr(layer, "ragged", None)
+        if ragged is not None:
+            tensors += [ragged.keys, ragged.values, *ragged.metadata()]
+            if ragged.positions is not None:
+                tensors.append(ragged.positions)
         for seg in getattr(layer, "segments", []):
             tensors += list(seg.tensors())
         from kvcompress.cache import _state_tensors

@@ -92,7 +92,7 @@ def run(bm: BenchModel, cfg: Any, variants_by_context: dict[int, list[str]], log
                 "kept_bytes": b["kept"], "resident_bytes": b["resident"], "dense_bytes": b["dense"],
                 "kept_fraction": b["kept"] / b["dense"] if b["dense"] else float("nan"),
                 "bytes_read": b["kept"] + bm.param_bytes,
-                "ragged": any(getattr(layer, "segments", None) for layer in getattr(caches[v], "layers", [])),
+                "ragged": any(getattr(layer, "ragged", None) is not None for layer in getattr(caches[v], "layers", [])),
                 "load_1min": summary(loads[v]),
             }
             rows[v]["effective_GBps"] = rows[v]["bytes_read"] / (rows[v]["step_ms"]["median"] * 1e-3) / 1e9

@@ -52,6 +52,10 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 add(f"prefill overhead ≤ {limit:.0%} at 4K: `{m}`", model,
                     f"hook {100 * h['median']:.1f}% ({100 * h['min']:.1f}–{100 * h['max']:.1f}); paired time "
                     f"{100 * t['median']:+.1f}% ({100 * t['min']:+.1f}–{100 * t['max']:+.1f})", h["median"] <= limit)
+    for model, ops in (r.get("ops") or {}).items():
+        by = ops["ragged_distinct"]
+        add("ragged attention: the same kernels for 1, 4, 16 distinct per-pair counts", model,
+            ", ".join(f"{k}: {n}" for k, n in by.items()) + " kernels", len(set(by.values())) == 1)
     for model, mem in (r.get("memory") or {}).items():
         q = mem["rows"].get("quant")
         if q:
@@ -170,6 +174,22 @@ def write(r: dict[str, Any], path: Path) -> None:
         if dec.get("notes"):
             L += ["Set-up: " + "; ".join(f"{k}: {v}" for k, v in dec["notes"].items()) + ".", ""]
 
+    for model, ops in (r.get("ops") or {}).items():
+        dynamic = ops["variants"].get("dynamic", {}).get("kernels_per_layer")
+        L += [f"## Kernels per decode step — {model}", "",
+              f"One decode step of a left-padded batch of {len(ops['rows'])} rows ({', '.join(map(str, ops['rows']))} "
+              "tokens) on the virtual accelerator (`kvcompress.device_probe`: the code paths of a CUDA run), counted "
+              "at the dispatcher: aten ops that run a kernel (views and bare allocations left out), per layer. The "
+              "stock `DynamicCache` is the reference; the model's own ops (projections, MLP, norms, mask) are in "
+              "every row.", "",
+              "| variant | kernels / layer / step | vs `DynamicCache` | ragged layers | encoded layers |",
+              "|---|---|---|---|---|"]
+        for v, row in ops["variants"].items():
+            extra = f"{row['kernels_per_layer'] - dynamic:+.1f}" if dynamic is not None else "–"
+            L.append(f"| {v} | {row['kernels_per_layer']:.1f} | {extra} | {row['ragged_layers']} | "
+                     f"{row['encoded_layers']} |")
+        L += ["", "One ragged layer's attention (16 pairs, `Ragged.attend`) by the number of distinct per-pair counts: "
+              + ", ".join(f"{k} distinct: **{n}** kernels" for k, n in ops["ragged_distinct"].items()) + ".", ""]
     for model, mem in (r.get("memory") or {}).items():
         L += [f"## Memory — {model}", "",
               f"{mem['context']}-token prefill + {mem['steps']} decode steps, selection ratio {mem['ratio']}; "
