@@ -55,7 +55,7 @@ def needle(model, tok, samples, method: str, params: dict) -> dict:
     hits, cache = [], None
     for s in samples:
         enc = tok(s.prompt, return_tensors="pt")
-        cache = kvcompress.compress(model, method, **params)
+        cache = kvcompress.compress(model, method, diagnostics=True, **params)
         out = model.generate(**enc, **cache_arg(cache), do_sample=False, pad_token_id=tok.pad_token_id,
                              max_new_tokens=s.max_new_tokens - 1)
         pred = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -28,8 +28,8 @@ CacheFactory = Callable[[], Any]
 
 
 def _prompt(vocab_size: int, length: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab_size, (1, length), generator=g)
+    g = torch.Generator().manual_seed(seed)  # a host generator: the same prompt on every device
+    return torch.randint(3, vocab_size, (1, length), generator=g, device="cpu")
 
 
 @torch.no_grad()

@@ -173,6 +173,7 @@ def compress(
     budget: int | None = None,
     params: Mapping[str, Mapping[str, Any]] | None = None,
     trace: bool = False,
+    diagnostics: bool = False,
     **method_params: Any,
 ) -> KVCompressCache:
     """Attach kvcompress to ``model`` and return a fresh compressed cache for one generation.
@@ -184,7 +185,9 @@ def compress(
     ``budget`` is a number of tokens kept per (row, KV head) instead. Give one of them, not both.
     Extra keyword arguments are the parameters of a single method (``sink=4``); for a composition pass
     ``params={"streaming": {"sink": 4}}``. ``trace=True`` records the logical positions of kept entries
-    (diagnostics for tests and plots; not counted as cache memory).
+    (diagnostics for tests and plots; not counted as cache memory). ``diagnostics=True`` also measures what the
+    methods report only on request because it costs time on the hot path (the reconstruction error of every
+    hidden-axis encode: a full decode of the block and a host sync, at the prefill and at every flush).
     """
     if method_params:
         names = [m.name if isinstance(m, Compressor) else m for m in ([method] if isinstance(method, (str, Compressor)) else method)]
@@ -194,4 +197,4 @@ def compress(
         params = {**(params or {}), names[0]: {**(params or {}).get(names[0], {}), **method_params}}
     pipeline = build_pipeline(method, ratio=ratio, budget=budget, params=params)
     attach(model)
-    return KVCompressCache(model.config, pipeline, trace=trace)
+    return KVCompressCache(model.config, pipeline, trace=trace, diagnostics=diagnostics)

@@ -62,7 +62,9 @@ def _spread(part: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ids: torch.Te
     return full_out, full_top, total.new_zeros((pairs, *total.shape[1:])).index_copy_(0, ids, total)
 
 
-def merged_attention(query: torch.Tensor, layer: KVCompressLayer, causal: torch.Tensor | None, scaling: float) -> torch.Tensor:
+def merged_attention(
+    query: torch.Tensor, layer: KVCompressLayer, causal: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
     """Exact softmax attention of ``query (batch, q_heads, q_len, d)`` over everything ``layer`` holds; the last
     ``q_len`` buffer entries are this forward's own tokens (``causal (q_len, buffer length)`` hides the later ones).
     Returns ``(batch, q_len, q_heads, d_v)``."""

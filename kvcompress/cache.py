@@ -1,27 +1,35 @@
 """A transformers ``Cache`` whose layers physically hold only what the compressors kept.
 
-Layout of one :class:`KVCompressLayer`:
+Layout of one :class:`KVCompressLayer`, per (row, KV head) pair and in position order:
 
+* ``segments`` — blocks encoded by a hidden-axis codec (:class:`Segment`: the pairs ``(rows[i], heads[i])`` holding the
+  same number of encoded entries). A block flushed while decoding is joined to the same pairs' previous block (codec
+  ``concat``), so attention visits one block per pair group however long the generation.
+* ``ragged`` — full-precision entries when rows or KV heads keep different numbers of tokens
+  (:class:`~kvcompress.ragged.Ragged`: one packed tensor, no padding, so the bytes held are the bytes kept).
 * ``keys`` / ``values`` — a dense append buffer ``(batch, kv_heads, capacity, head_dim)``, of which the first
-  ``length`` slots are used. Decoding appends into spare capacity (no per-step copy of the layer, unlike the stock
-  ``DynamicLayer``'s ``torch.cat``); when it is full it grows by 1/128 of the layer's held bytes (at least one slot),
-  so the reserved-but-unused part stays under 1% of what the layer holds. Right after a compression the buffer is
-  allocated to the exact size.
-* ``segments`` — ragged storage for when rows or KV heads keep different numbers of tokens: each
-  :class:`Segment` holds the (row, head) pairs that keep the same count ``c``, as ``(pairs, c, head_dim)`` tensors.
-  Nothing is padded, so the bytes held are the bytes kept. A hidden codec's block flushed while decoding is joined
-  to the same pairs' previous block (codec ``concat``): one copy of the encoded layer per flush (every ``chunk``
-  steps), so attention loops over one block per pair group however long the generation.
+  ``length`` slots are used (the same count for every pair). Decoding appends into spare capacity (no per-step copy of
+  the layer, unlike the stock ``DynamicLayer``'s ``torch.cat``); when it is full it grows by 1/128 of the layer's held
+  bytes (at least one slot), so the reserved-but-unused part stays under 1% of what the layer holds. Right after a
+  compression the buffer is allocated to the exact size.
+* ``positions`` — the logical position of every buffer slot (and ``ragged.positions``), kept when the cache traces
+  positions (a diagnostic, not counted) or when a method evicts while decoding (then counted as cache memory): eviction
+  at decode replaces the evicted slot by the newest entry in place, so slots stop being in position order.
 
 A layer is *pristine* until its first compression: the buffer then holds every logical position (left padding
 included, as ``DynamicCache`` does) and attention is the stock sdpa path with the model's own mask, so an
-uncompressed run is numerically the stock one. After a compression the layer holds only real, kept tokens in
-position order (segments first, then the buffer), and attention is computed here: one sdpa call when the layer is
-uniform, otherwise an exact log-sum-exp merge over segments and buffer.
+uncompressed run is numerically the stock one. After a compression the layer holds only real, kept tokens, and
+attention is computed here: the model's own sdpa kernel when the layer is one dense buffer (two matmuls for a single
+query on the CPU, where they are faster), otherwise an exact log-sum-exp merge of the parts
+(:func:`~kvcompress.attention.merged_attention`) in a number of ops that does not grow with batch, heads or counts.
 
 Logical length (positions seen, what ``get_seq_length`` reports, what RoPE of the next token depends on) and
 physical length (entries stored) are kept apart, so positions stay right under ``generate()`` and in a manual loop
 without ``position_ids``.
+
+No host-device synchronisation on the decode path of a dense layer: shapes, counts and accounting come from host
+metadata (``length``, ``ragged.counts``, segment ``pairs``: Python ints); syncs happen only where the kept set is
+decided (prefill, eviction fallbacks, codec flushes).
 """
 
 from __future__ import annotations
@@ -37,10 +45,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .attention import decode_attention, merged_attention
 from .compressor import Axis, Codec, CompressionContext, Compressor, HiddenCompressor, LayerView, Workspace
 from .errors import KVCompressError
+from .ragged import Ragged
 
 _ACTIVE = threading.local()  # the layer whose `update` ran last: the attention call that follows belongs to it
+POSITION_DTYPE = torch.int32
 
 
 def active_layer() -> KVCompressLayer | None:
@@ -49,55 +60,42 @@ def active_layer() -> KVCompressLayer | None:
 
 @dataclass
 class Segment:
-    """KV entries of the (row, head) pairs ``(rows[i], heads[i])``, each holding ``count`` tokens.
+    """A block of entries encoded by a hidden-axis codec: the pairs ``(rows[i], heads[i])``, ``count`` entries each.
 
-    Stored either in full precision (``keys``/``values``) or encoded by a hidden-axis codec (``codec``). A pair may
-    appear in several segments; for each pair, segments are in position order (older first), then the buffer.
-    """
+    ``pairs`` is a host copy of ``rows · kv_heads + heads`` (ints), so accounting and joining never read the device. A
+    pair may appear in several segments; for each pair, segments are in position order (older first), before the
+    layer's ragged entries and its buffer."""
 
-    rows: torch.Tensor  # (pairs,) long
+    rows: torch.Tensor  # (pairs,) long, on the cache's device
     heads: torch.Tensor  # (pairs,) long
-    keys: torch.Tensor | None  # (pairs, count, head_dim), None when encoded
-    values: torch.Tensor | None
+    codec: Codec
+    count: int
+    pairs: tuple[int, ...]  # rows · kv_heads + heads, on the host
     positions: torch.Tensor | None = None  # (pairs, count) — only with cache.trace (diagnostic, not counted)
-    codec: Codec | None = None
-    count: int = 0
 
-    def __post_init__(self) -> None:
-        if self.keys is not None:
-            self.count = self.keys.shape[1]
-
-    def kv(self, workspace: Workspace | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-precision keys and values (decoded on the fly if encoded, into ``workspace`` if given), in ``dtype``
-        (default: as stored)."""
-        if self.codec is not None:
-            return self.codec.decode(workspace, dtype)
-        if dtype is None:
-            return self.keys, self.values
-        return self.keys.to(dtype), self.values.to(dtype)
+    def kv(
+        self, workspace: Workspace | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(pairs, count, head_dim)`` decoded (into ``workspace`` if given), in ``dtype``."""
+        return self.codec.decode(workspace, dtype)
 
     def joined(self, later: Segment) -> Segment | None:
-        """This encoded segment followed by ``later`` (same pairs, encoded by a codec that can ``concat``) as one
-        segment, or None when they cannot be joined."""
+        """This block followed by ``later`` (same pairs, a codec that can ``concat``) as one segment, or None."""
         if (
-            self.codec is None
-            or later.codec is None
-            or not hasattr(self.codec, "concat")
+            not hasattr(self.codec, "concat")
             or type(self.codec) is not type(later.codec)
             or (self.positions is None) != (later.positions is None)
-            or not torch.equal(self.rows, later.rows)
-            or not torch.equal(self.heads, later.heads)
+            or self.pairs != later.pairs
         ):
             return None
         codec = self.codec.concat(later.codec)
         if codec is None:
             return None
         positions = torch.cat([self.positions, later.positions], 1) if self.positions is not None else None
-        return Segment(self.rows, self.heads, None, None, positions, codec=codec, count=self.count + later.count)
+        return Segment(self.rows, self.heads, codec, self.count + later.count, self.pairs, positions)
 
     def tensors(self) -> list[torch.Tensor]:
-        payload = self.codec.tensors() if self.codec is not None else [self.keys, self.values]
-        return [self.rows, self.heads, *payload]
+        return [self.rows, self.heads, *self.codec.tensors()]
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -122,7 +120,7 @@ class KVCompressLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int, cache: KVCompressCache):
+    def __init__(self, layer_idx: int, cache: KVCompressCache | None):
         super().__init__()
         self.layer_idx = layer_idx
         self.cache = cache
@@ -130,11 +128,21 @@ class KVCompressLayer(CacheLayerMixin):
         self.logical = 0  # positions seen (includes left padding, like DynamicCache)
         self.pristine = True
         self.segments: list[Segment] = []
+        self.ragged: Ragged | None = None
         self.pad: list[int] | None = None  # left-padding per row, from the prefill mask
-        self.positions: torch.Tensor | None = None  # buffer positions (batch, kv_heads, capacity), trace only
+        self.positions: torch.Tensor | None = None  # (batch, kv_heads, capacity) logical position of each buffer slot
+        self.slots_ordered = True  # False once a decode-time eviction moved entries in place
         self.state: dict[str, Any] = {}
         self.pending: tuple[Any, ...] | None = None  # deferred prefill selection (cross-layer compressors)
         self._returned_key: torch.Tensor | None = None
+
+    @property
+    def _tracks_positions(self) -> bool:
+        return self.cache is not None and (self.cache.trace or self.cache.positions_counted)
+
+    @property
+    def _positions_counted(self) -> bool:
+        return self.cache is not None and self.cache.positions_counted
 
     # -- CacheLayerMixin ------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -142,17 +150,14 @@ class KVCompressLayer(CacheLayerMixin):
         b, h, _, d = key_states.shape
         self.keys = key_states.new_empty((b, h, 0, d))
         self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        if self._tracks_positions:
+            self.positions = torch.empty((b, h, 0), dtype=POSITION_DTYPE, device=key_states.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        start = self.logical
         self._append(key_states, value_states)
-        self.logical += n
-        if self.positions is not None or (self.cache.trace and self.pristine):
-            self._append_positions(start, n)
         keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
         self._returned_key = keys
         _ACTIVE.layer = self
@@ -173,25 +178,30 @@ class KVCompressLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.is_initialized = False
         self.length = self.logical = 0
-        self.pristine, self.segments, self.pad, self.positions, self.state = True, [], None, None, {}
+        self.pristine, self.segments, self.ragged, self.pad, self.positions, self.state = True, [], None, None, None, {}
+        self.slots_ordered = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.segments:
-            raise KVCompressError("beam search / batch re-indexing is not supported on a ragged compressed layer")
+        if self.segments or self.ragged is not None:
+            raise KVCompressError("beam search / batch re-indexing is not supported on a ragged or encoded layer")
         if self.is_initialized:
             self.keys, self.values = self.keys[indices], self.values[indices]
             if self.positions is not None:
                 self.positions = self.positions[indices]
             if self.pad is not None:
-                self.pad = [self.pad[int(i)] for i in indices]
+                self.pad = [self.pad[i] for i in indices.tolist()]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.batch_select_indices(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+        self.batch_select_indices(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
 
     # -- storage --------------------------------------------------------------------------------------------
+    @property
+    def pairs(self) -> int:
+        return self.keys.shape[0] * self.keys.shape[1]
+
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         n = k.shape[-2]
         need = self.length + n
@@ -200,64 +210,95 @@ class KVCompressLayer(CacheLayerMixin):
             self._rebuffer(0, need if self.length == 0 else need + self._headroom())
         self.keys[:, :, self.length : need] = k
         self.values[:, :, self.length : need] = v
+        if self.positions is not None:
+            self.positions[:, :, self.length : need] = torch.arange(
+                self.logical, self.logical + n, dtype=POSITION_DTYPE, device=self.positions.device)
         self.length = need
+        self.logical += n
 
     def _headroom(self, leaving: int = 0) -> int:
         """Spare buffer slots to reserve when growing: under 1% of what the layer holds (at least one slot), so
         resident bytes stay within 1% of kept bytes while a regrow (a copy of the buffer) happens once every
         ~1/128 of the layer's size in appended tokens. ``leaving``: used buffer slots about to be dropped."""
-        b, h = self.keys.shape[:2]
-        slot = b * h * (self.keys.shape[-1] + self.values.shape[-1]) * self.keys.element_size()
+        slot = self._slot_bytes()
         return max(1, (self.kept_bytes() - leaving * slot) // 128 // slot)
+
+    def _slot_bytes(self) -> int:
+        """Bytes of one buffer slot across the batch and heads (keys, values and counted positions)."""
+        b, h = self.keys.shape[:2]
+        per_pair = (self.keys.shape[-1] + self.values.shape[-1]) * self.keys.element_size()
+        if self.positions is not None and self._positions_counted:
+            per_pair += self.positions.element_size()
+        return b * h * per_pair
 
     def _rebuffer(self, start: int, capacity: int) -> None:
         """Move the used slots ``[start, length)`` to the front of fresh buffers of ``capacity`` slots."""
         rest = self.length - start
-        for name in ("keys", "values"):
+        for name in ("keys", "values", "positions"):
             buf = getattr(self, name)
-            new = buf.new_empty((*buf.shape[:2], capacity, buf.shape[-1]))
+            if buf is None:
+                continue
+            new = buf.new_empty((*buf.shape[:2], capacity, *buf.shape[3:]))
             new[:, :, :rest] = buf[:, :, start : self.length]
             setattr(self, name, new)
         self.length = rest
 
-    def _append_positions(self, start: int, n: int) -> None:
-        b, h = self.keys.shape[:2]
-        new = torch.arange(start, start + n, device=self.keys.device).expand(b, h, n)
-        old = self.positions[:, :, : self.length - n] if self.positions is not None else new[:, :, :0]
-        self.positions = torch.cat([old, new], dim=-1)
+    def _holdings(self) -> Iterator[tuple[torch.Tensor, int]]:
+        """Every tensor the layer holds, with the bytes of its used part: the buffer's first ``length`` slots, ragged
+        and encoded entries with their index metadata, counted positions, and any state a compressor keeps between
+        steps (e.g. accumulated scores)."""
+        if self.is_initialized:
+            for t in (self.keys, self.values, self.positions if self._positions_counted else None):
+                if t is not None:
+                    yield t, _nbytes(t) // t.shape[2] * self.length if t.shape[2] else 0
+        if self.ragged is not None:
+            for t in (self.ragged.keys, self.ragged.values, *self.ragged.metadata()):
+                yield t, _nbytes(t)
+            if self.ragged.positions is not None and self._positions_counted:
+                yield self.ragged.positions, _nbytes(self.ragged.positions)
+        for seg in self.segments:
+            for t in seg.tensors():
+                yield t, _nbytes(t)
+        for t in _state_tensors(self.state):
+            yield t, _nbytes(t)
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        """Every tensor this layer holds, cut to its used extent: keys, values, segment indices and any state a
-        compressor keeps between steps (e.g. accumulated scores)."""
-        if self.is_initialized:
-            yield self.keys[:, :, : self.length]
-            yield self.values[:, :, : self.length]
-        for seg in self.segments:
-            yield from seg.tensors()
-        yield from _state_tensors(self.state)
+        """Every tensor this layer holds (whole allocations)."""
+        for t, _ in self._holdings():
+            yield t
 
     def kept_bytes(self) -> int:
-        return sum(_nbytes(t) for t in self.tensors())
+        return sum(used for _, used in self._holdings())
 
     def resident_bytes(self) -> int:
         """Bytes allocated, including the buffer's reserved headroom."""
-        total = sum(_nbytes(t) for seg in self.segments for t in seg.tensors())
-        total += sum(_nbytes(t) for t in _state_tensors(self.state))
-        if self.is_initialized:
-            total += _nbytes(self.keys) + _nbytes(self.values)
-        return total
+        return sum(_nbytes(t) for t, _ in self._holdings())
 
     def kept_tokens(self) -> torch.Tensor:
-        """Real (non-padding) tokens held per (row, KV head), as a float tensor ``(batch, kv_heads)``."""
+        """Real (non-padding) tokens held per (row, KV head), as a CPU float tensor ``(batch, kv_heads)`` (from host
+        metadata: no device read)."""
         if not self.is_initialized:
-            return torch.zeros(0, 0)
+            return torch.zeros(0, 0, device="cpu")
         b, h = self.keys.shape[:2]
-        kept = torch.full((b, h), float(self.length))
+        kept = torch.full((b, h), float(self.length), device="cpu")
         if self.pristine and self.pad is not None:
-            kept -= torch.tensor(self.pad, dtype=torch.float).unsqueeze(-1)
+            kept -= torch.tensor(self.pad, dtype=torch.float, device="cpu").unsqueeze(-1)
+        kept = kept.view(-1)
+        if self.ragged is not None:
+            kept += torch.tensor(self.ragged.counts, dtype=torch.float, device="cpu")
         for seg in self.segments:
-            kept[seg.rows, seg.heads] += seg.count
-        return kept
+            kept[list(seg.pairs)] += seg.count
+        return kept.view(b, h)
+
+    @property
+    def dense(self) -> bool:
+        """One dense buffer of real entries, the same count for every pair (no ragged or encoded part, no left
+        padding held): what a decode step can treat with host-known shapes."""
+        return self.ragged is None and not self.segments and not (self.pristine and any(self.pad or ()))
+
+    def plain_tail(self) -> int:
+        """Longest run of full-precision entries at the end of any (row, head): its ragged entries plus the buffer."""
+        return (max(self.ragged.counts, default=0) if self.ragged is not None else 0) + self.length
 
     # -- views for the compressors --------------------------------------------------------------------------
     def materialize(self, padding_valid: torch.Tensor | None) -> LayerView:
@@ -268,130 +309,157 @@ class KVCompressLayer(CacheLayerMixin):
         """
         b, h = self.keys.shape[:2]
         buf_k, buf_v = self.keys[:, :, : self.length], self.values[:, :, : self.length]
-        buf_valid = torch.ones(b, h, self.length, dtype=torch.bool, device=self.keys.device)
-        if self.pristine and padding_valid is not None:
-            buf_valid &= padding_valid[:, None, : self.length]
         buf_pos = self.positions[:, :, : self.length] if self.positions is not None else None
-        if not self.segments:
-            return LayerView(buf_k, buf_v, buf_valid, buf_pos)
-        fill = torch.zeros(b, h, dtype=torch.long)
-        for seg in self.segments:
-            fill[seg.rows, seg.heads] += seg.count
-        width = int(fill.max()) + self.length
-        keys = buf_k.new_zeros((b, h, width, buf_k.shape[-1]))
-        values = buf_v.new_zeros((b, h, width, buf_v.shape[-1]))
-        valid = torch.zeros(b, h, width, dtype=torch.bool, device=buf_k.device)
-        positions = torch.full((b, h, width), -1, dtype=torch.long) if getattr(self.cache, "trace", False) else None
-        fill.zero_()
+        if not self.segments and self.ragged is None:
+            valid = torch.ones(b, h, self.length, dtype=torch.bool, device=buf_k.device)
+            if self.pristine and padding_valid is not None:
+                valid &= padding_valid[:, None, : self.length]
+            return LayerView(buf_k, buf_v, valid, buf_pos, ordered=self.slots_ordered)
+        return self._rectangle(include_encoded=True)
 
-        def put(rows, heads, k, v, pos):
-            idx = fill[rows, heads].unsqueeze(-1) + torch.arange(k.shape[1])
-            r, hh = rows.unsqueeze(-1), heads.unsqueeze(-1)
-            keys[r, hh, idx], values[r, hh, idx], valid[r, hh, idx] = k, v, True
+    def _rectangle(self, include_encoded: bool) -> LayerView:
+        """Pairs' entries (encoded blocks decoded if ``include_encoded``, ragged entries, buffer) gathered into a
+        ``(batch, kv_heads, width, d)`` rectangle in position order, with a validity mask. Widths and offsets come
+        from host metadata; the copy runs in a fixed number of ops per part."""
+        b, h = self.keys.shape[:2]
+        pairs, length = b * h, self.length
+        device = self.keys.device
+        before = torch.zeros(pairs, dtype=torch.long, device="cpu")  # entries per pair before the buffer
+        segments = self.segments if include_encoded else []
+        for seg in segments:
+            before[list(seg.pairs)] += seg.count
+        if self.ragged is not None:
+            before += torch.tensor(self.ragged.counts, device="cpu")
+        width = int(before.max()) + length if pairs else length
+        keys = self.keys.new_zeros((pairs * width, self.keys.shape[-1]))
+        values = self.values.new_zeros((pairs * width, self.values.shape[-1]))
+        valid = torch.zeros(pairs * width, dtype=torch.bool, device=device)
+        traced = self.positions is not None or (self.ragged is not None and self.ragged.positions is not None)
+        positions = torch.full((pairs * width,), -1, dtype=POSITION_DTYPE, device=device) if traced else None
+        fill = torch.zeros(pairs, dtype=torch.long, device=device)  # next free column of each pair
+
+        def put(pair: torch.Tensor, column: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None):
+            dest = pair * width + column
+            keys.index_copy_(0, dest, k)
+            values.index_copy_(0, dest, v)
+            valid.index_fill_(0, dest, True)
             if positions is not None and pos is not None:
-                positions[r, hh, idx] = pos
-            fill[rows, heads] += k.shape[1]
+                positions.index_copy_(0, dest, pos.to(POSITION_DTYPE))
 
-        for seg in self.segments:
+        for seg in segments:
             seg_k, seg_v = seg.kv()
-            put(seg.rows, seg.heads, seg_k, seg_v, seg.positions)
-        if self.length:
-            rows = torch.arange(b).repeat_interleave(h)
-            heads = torch.arange(h).repeat(b)
-            put(rows, heads, buf_k.reshape(b * h, self.length, -1), buf_v.reshape(b * h, self.length, -1),
-                buf_pos.reshape(b * h, -1) if buf_pos is not None else None)
-        return LayerView(keys, values, valid, positions)
+            ids = seg.rows * h + seg.heads
+            column = fill[ids].unsqueeze(-1) + torch.arange(seg.count, device=device)
+            put(ids.repeat_interleave(seg.count, output_size=ids.shape[0] * seg.count), column.flatten(),
+                seg_k.reshape(-1, seg_k.shape[-1]).to(keys.dtype), seg_v.reshape(-1, seg_v.shape[-1]).to(values.dtype),
+                seg.positions.flatten() if seg.positions is not None else None)
+            fill.index_add_(0, ids, torch.full_like(ids, seg.count))
+        if self.ragged is not None:
+            pair, rank = self.ragged.entry_pairs_and_ranks()
+            put(pair, fill[pair] + rank, self.ragged.keys, self.ragged.values, self.ragged.positions)
+            fill += self.ragged.pages_per_pair.long() * self.ragged.page + self.ragged.tails_per_pair.long()
+        if length:
+            pair = torch.arange(pairs, device=device).repeat_interleave(length, output_size=pairs * length)
+            column = (fill.unsqueeze(-1) + torch.arange(length, device=device)).flatten()
+            put(pair, column, self.keys[:, :, :length].reshape(-1, self.keys.shape[-1]),
+                self.values[:, :, :length].reshape(-1, self.values.shape[-1]),
+                self.positions[:, :, :length].flatten() if self.positions is not None else None)
+        return LayerView(keys.view(b, h, width, -1), values.view(b, h, width, -1), valid.view(b, h, width),
+                         positions.view(b, h, width) if positions is not None else None)
+
+    def slot_view(self) -> LayerView:
+        """The dense buffer as it is stored (slot order, not position order) with its positions: what an in-place
+        decode eviction scores (``ordered=False``; ranks come from the positions)."""
+        b, h = self.keys.shape[:2]
+        valid = torch.ones(b, h, self.length, dtype=torch.bool, device=self.keys.device)
+        return LayerView(self.keys[:, :, : self.length], self.values[:, :, : self.length], valid,
+                         self.positions[:, :, : self.length], ordered=False)
 
     def store(self, view: LayerView) -> None:
-        """Replace the layer's content by the valid entries of ``view``: uniform counts go to an exact-size buffer,
-        unequal counts to ragged segments."""
+        """Replace the layer's content by the valid entries of ``view`` (in position order): uniform counts go to an
+        exact-size buffer, unequal counts to the packed ragged storage. Reads the kept counts on the host (a sync:
+        this runs where the kept set is decided, never on a plain decode step)."""
         keep = view.valid
-        counts = keep.sum(-1)  # (batch, kv_heads)
         b, h, _, d_k = view.keys.shape
         d_v = view.values.shape[-1]
-        nz = keep.nonzero()  # sorted by (row, head, position): position order is preserved
-        flat_k = view.keys[nz[:, 0], nz[:, 1], nz[:, 2]]
-        flat_v = view.values[nz[:, 0], nz[:, 1], nz[:, 2]]
-        flat_pos = view.positions[nz[:, 0], nz[:, 1], nz[:, 2]] if view.positions is not None else None
-        self.pristine = False
-        self.segments = []
-        if bool((counts == counts.flatten()[0]).all()):
-            c = int(counts.flatten()[0])
-            self.keys = flat_k.reshape(b, h, c, d_k).contiguous()
-            self.values = flat_v.reshape(b, h, c, d_v).contiguous()
+        counts = keep.sum(-1).flatten().cpu()  # (pairs,) on the host
+        flat_k, flat_v = view.keys[keep], view.values[keep]  # pair after pair, position order within a pair
+        flat_pos = None
+        if view.positions is not None and self._tracks_positions:
+            flat_pos = view.positions[keep].to(POSITION_DTYPE)
+        self.pristine, self.slots_ordered = False, True
+        self.segments, self.ragged = [], None
+        if bool((counts == counts[0]).all()):
+            c = int(counts[0])
+            self.keys, self.values = flat_k.view(b, h, c, d_k), flat_v.view(b, h, c, d_v)
             self.length = c
-            self.positions = flat_pos.reshape(b, h, c) if flat_pos is not None else None
+            self.positions = flat_pos.view(b, h, c) if flat_pos is not None else None
             return
-        flat_counts = counts.flatten()
-        offsets = torch.cumsum(flat_counts, 0) - flat_counts
-        for c in sorted(set(flat_counts.tolist())):
-            if c == 0:
-                continue
-            pairs = (flat_counts == c).nonzero().squeeze(-1)
-            idx = (offsets[pairs].unsqueeze(-1) + torch.arange(c)).flatten()
-            self.segments.append(
-                Segment(
-                    rows=pairs // h,
-                    heads=pairs % h,
-                    keys=flat_k[idx].reshape(len(pairs), c, d_k),
-                    values=flat_v[idx].reshape(len(pairs), c, d_v),
-                    positions=flat_pos[idx].reshape(len(pairs), c) if flat_pos is not None else None,
-                )
-            )
-        self.keys = view.keys.new_empty((b, h, 0, d_k))
-        self.values = view.values.new_empty((b, h, 0, d_v))
+        self.ragged = Ragged.pack(flat_k, flat_v, flat_pos, counts)
+        self.keys, self.values = view.keys.new_empty((b, h, 0, d_k)), view.values.new_empty((b, h, 0, d_v))
         self.length = 0
-        self.positions = view.keys.new_empty((b, h, 0), dtype=torch.long) if flat_pos is not None else None
+        self.positions = None
+        if flat_pos is not None:
+            self.positions = torch.empty((b, h, 0), dtype=POSITION_DTYPE, device=view.keys.device)
 
-    def plain_tail(self) -> int:
-        """Longest run of full-precision entries at the end of any (row, head): its plain segment plus the buffer."""
-        return max((s.count for s in self.segments if s.codec is None), default=0) + self.length
+    def compact(self, keep: torch.Tensor, drop: int) -> None:
+        """Evict in place: every pair of the dense buffer drops exactly ``drop`` of its ``length`` slots (``keep``
+        ``(batch, kv_heads, length)`` False on them). The pair's surviving entries among its last ``drop`` slots move
+        into the evicted slots before them, then ``length`` shrinks: ``drop`` slots copied per pair, no sync, no
+        re-storing of the layer. Slots stop being in position order; ``positions`` moves along."""
+        n = self.length
+        device = self.keys.device
+        slots = torch.arange(n, device=device)
+        # the pair's evicted slots, ascending (exactly `drop` of them by the caller's contract)
+        evicted = torch.topk(torch.where(keep, slots + n, slots), drop, dim=-1, largest=False, sorted=True).values
+        tail = slots[n - drop :]
+        # the kept slots among the last `drop`, ascending, first
+        survivors = torch.sort(torch.where(keep[..., n - drop :], tail, tail + n), dim=-1).values
+        moves = evicted < n - drop  # as many holes before the tail as survivors in it, matched in order
+        spare = tail.expand_as(evicted)  # writes of unmatched moves land beyond the new length (harmless)
+        dest = torch.where(moves, evicted, spare)
+        src = torch.where(moves, survivors, spare)
+        for name in ("keys", "values", "positions"):
+            buf = getattr(self, name)
+            if buf is None:
+                continue
+            index = src if buf.dim() == 3 else src.unsqueeze(-1).expand(*src.shape, buf.shape[-1])
+            moved = buf[:, :, :n].gather(2, index)
+            buf[:, :, :n].scatter_(2, dest if buf.dim() == 3 else dest.unsqueeze(-1).expand_as(index), moved)
+        self.length = n - drop
+        self.slots_ordered = self.pristine = False
 
+    # -- hidden-axis encoding -------------------------------------------------------------------------------
     def encode(self, comp: HiddenCompressor, ctx: CompressionContext) -> bool:
         """Hand full-precision entries to a hidden-axis codec. Per (row, head) pair the plain tail keeps its newest
         ``residual_tokens``; the oldest whole ``chunk_tokens`` beyond that are encoded. Returns whether anything was."""
         residual, chunk = comp.residual_tokens(), comp.chunk_tokens()
-        if not any(s.codec is None for s in self.segments):
+        if self.ragged is None:
             return self._encode_buffer(comp, ctx, residual, chunk)
-        # Ragged layout: each pair's tail is its plain segment (at most one, its newest) followed by the buffer.
+        # Ragged layout: each pair's plain tail is its ragged entries followed by the buffer.
         b, h = self.keys.shape[:2]
-        t = self.length
-        covered = torch.zeros(b, h, dtype=torch.bool)
-        groups = []
-        for seg in self.segments:
-            if seg.codec is None:
-                covered[seg.rows, seg.heads] = True
-                groups.append((seg.rows, seg.heads, seg.keys, seg.values, seg.positions))
-        rest = (~covered).nonzero()
-        if len(rest) and t:
-            empty_pos = torch.empty(len(rest), 0, dtype=torch.long) if self.positions is not None else None
-            groups.append((rest[:, 0], rest[:, 1], self.keys.new_empty(len(rest), 0, self.keys.shape[-1]),
-                           self.values.new_empty(len(rest), 0, self.values.shape[-1]), empty_pos))
-        segments = [s for s in self.segments if s.codec is not None]
-        changed = False
-        for rows, heads, k, v, pos in groups:
-            if t:  # move this pair group's buffer entries into its tail
-                k = torch.cat([k, self.keys[rows, heads, :t]], 1)
-                v = torch.cat([v, self.values[rows, heads, :t]], 1)
-                if pos is not None and self.positions is not None:
-                    pos = torch.cat([pos, self.positions[rows, heads, :t]], 1)
-            total = k.shape[1]
-            n = (total - residual) // chunk * chunk if total > residual else 0
-            if n:
-                codec = comp.encode(k[:, :n].contiguous(), v[:, :n].contiguous(), ctx, rows, heads,
-                                    pos[:, :n] if pos is not None else None)
-                _add_encoded(segments, Segment(rows, heads, None, None, pos[:, :n] if pos is not None else None,
-                                               codec=codec, count=n), h)
-                changed = True
-            if total > n:
-                segments.append(Segment(rows, heads, k[:, n:].contiguous(), v[:, n:].contiguous(),
-                                        pos[:, n:] if pos is not None else None))
+        plain = torch.tensor(self.ragged.counts, device="cpu") + self.length  # (pairs,) host
+        encoded = torch.where(plain > residual, (plain - residual) // chunk * chunk, torch.zeros_like(plain))
+        if not bool((encoded > 0).any()):
+            return False
+        view = self._rectangle(include_encoded=False)  # (b, h, width, d): plain entries in position order
+        flat_k = view.keys.view(b * h, -1, view.keys.shape[-1])
+        flat_v = view.values.view(b * h, -1, view.values.shape[-1])
+        flat_pos = view.positions.view(b * h, -1) if view.positions is not None else None
+        for count in sorted(set(encoded.tolist()) - {0}):
+            pairs = (encoded == count).nonzero().flatten()  # host
+            ids = pairs.to(flat_k.device)
+            rows, heads = ids // h, ids % h
+            pos = flat_pos[ids, :count] if flat_pos is not None and self.cache.trace else None
+            block_k, block_v = flat_k[ids, :count].contiguous(), flat_v[ids, :count].contiguous()
+            codec = comp.encode(block_k, block_v, ctx, rows, heads, pos)
+            _add_encoded(self.segments, Segment(rows, heads, codec, count, tuple(pairs.tolist()), pos))
+        rank = torch.arange(view.valid.shape[-1], device=view.valid.device)
+        leftover = view.valid & (rank >= encoded.to(rank.device).view(b, h, 1))
+        segments = self.segments
+        self.store(LayerView(view.keys, view.values, leftover, view.positions))
         self.segments = segments
-        self._rebuffer(self.length, 0)  # the buffer's entries now live in the segments: release it
-        if self.positions is not None:
-            self.positions = self.positions[:, :, :0]
-        self.pristine = False
-        return changed
+        return True
 
     def _encode_buffer(self, comp: HiddenCompressor, ctx: CompressionContext, residual: int, chunk: int) -> bool:
         """Uniform layout: encode the buffer's oldest whole chunks beyond the residual, for every pair at once."""
@@ -401,14 +469,16 @@ class KVCompressLayer(CacheLayerMixin):
         b, h = self.keys.shape[:2]
         keys = self.keys[:, :, :n].reshape(b * h, n, -1)
         values = self.values[:, :, :n].reshape(b * h, n, -1)
-        if keys.untyped_storage().data_ptr() == self.keys.untyped_storage().data_ptr():
-            keys, values = keys.clone(), values.clone()  # the codec must not hold a view of the buffer
-        pos = self.positions[:, :, :n].reshape(b * h, n) if self.positions is not None else None
-        rows, heads = torch.arange(b).repeat_interleave(h), torch.arange(h).repeat(b)
+        if n == self.keys.shape[2] or b * h == 1:  # the reshape is a view of the buffer: the codec must own its input
+            keys, values = keys.clone(), values.clone()
+        pos = None
+        if self.positions is not None and self.cache.trace:
+            pos = self.positions[:, :, :n].reshape(b * h, n).clone()
+        device = self.keys.device
+        rows = torch.arange(b, device=device).repeat_interleave(h)
+        heads = torch.arange(h, device=device).repeat(b)
         codec = comp.encode(keys, values, ctx, rows, heads, pos)
-        _add_encoded(self.segments, Segment(rows, heads, None, None, pos, codec=codec, count=n), h)
-        if self.positions is not None:
-            self.positions = self.positions[:, :, n : self.length].clone()
+        _add_encoded(self.segments, Segment(rows, heads, codec, n, tuple(range(b * h)), pos))
         # The buffer now holds only the residual window: move it into a fresh buffer (exact size after prefill, the
         # usual ≤1% headroom while decoding), so the prefill-sized or pre-flush capacity is released.
         self._rebuffer(n, self.length - n + (0 if ctx.phase == "prefill" else self._headroom(leaving=n)))
@@ -419,7 +489,7 @@ class KVCompressLayer(CacheLayerMixin):
     def attend(
         self, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, **kwargs
     ) -> torch.Tensor:
-        """Attention of this forward's queries over everything the layer holds; returns ``(batch, q_len, heads, dim)``."""
+        """Attention of this forward's queries over everything the layer holds: ``(batch, q_len, heads, dim)``."""
         q_len = query.shape[2]
         keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
         if self.pristine:
@@ -429,21 +499,20 @@ class KVCompressLayer(CacheLayerMixin):
         causal = None
         if q_len > 1:
             causal = torch.ones(q_len, self.length, dtype=torch.bool, device=query.device).tril(self.length - q_len)
-        if not self.segments:
-            if q_len == 1:  # one query: two matmuls read K and V faster than the CPU sdpa kernel does
-                return _decode_attention(query, keys, values, scaling)
+        if not self.segments and self.ragged is None:
+            if q_len == 1 and query.device.type == "cpu":  # one query: two matmuls beat the CPU sdpa kernel
+                return decode_attention(query, keys, values, scaling)
             mask = causal[None, None] if causal is not None else None
             return sdpa_attention_forward(module, query, keys, values, mask, scaling=scaling, is_causal=False)[0]
-        return _merged_attention(query, self.segments, keys, values, causal, scaling, self.cache.workspace)
+        return merged_attention(query, self, causal, scaling)
 
 
-def _add_encoded(segments: list[Segment], seg: Segment, kv_heads: int) -> None:
+def _add_encoded(segments: list[Segment], seg: Segment) -> None:
     """Append an encoded segment, joined to its pairs' previous block when that block is the newest segment holding
-    any of these pairs and covers exactly the same pairs (position order per pair is kept)."""
-    ids = seg.rows * kv_heads + seg.heads
+    any of these pairs and covers exactly the same pairs (position order per pair is kept). Host metadata only."""
     for i in range(len(segments) - 1, -1, -1):
         other = segments[i]
-        if bool(torch.isin(other.rows * kv_heads + other.heads, ids).any()):
+        if not set(other.pairs).isdisjoint(seg.pairs):
             joined = other.joined(seg)
             if joined is not None:
                 segments[i] = joined
@@ -452,71 +521,12 @@ def _add_encoded(segments: list[Segment], seg: Segment, kv_heads: int) -> None:
     segments.append(seg)
 
 
-def _decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Single-query attention ``softmax(q·Kᵀ·s)·V`` with GQA by grouping the query heads of each KV head."""
-    b, hq, _, d = query.shape
-    h = keys.shape[1]
-    q = query.reshape(b, h, hq // h, d)  # query head h*g + j serves KV head h (as repeat_kv)
-    probs = torch.softmax((q @ keys.transpose(-1, -2)).float() * scaling, dim=-1).to(values.dtype)
-    return (probs @ values).reshape(b, hq, 1, -1).transpose(1, 2)
-
-
-def _merged_attention(
-    query: torch.Tensor,
-    segments: list[Segment],
-    buf_k: torch.Tensor,
-    buf_v: torch.Tensor,
-    causal: torch.Tensor | None,
-    scaling: float,
-    workspace: Workspace | None = None,
-) -> torch.Tensor:
-    """Exact softmax attention over ragged segments plus the dense buffer, merged by log-sum-exp (fp32). Encoded
-    segments are attended through their codec's ``scores``/``mix`` when it has them, otherwise reconstructed one at a
-    time into ``workspace``."""
-    b, hq, q_len, d = query.shape
-    h = buf_k.shape[1]
-    g = hq // h
-    q = query.float().reshape(b, h, g * q_len, d)  # query head h*g + j serves KV head h (as repeat_kv)
-    run_max = torch.full((b, h, g * q_len), float("-inf"), device=query.device)
-    run_sum = torch.zeros(b, h, g * q_len, device=query.device)
-    run_out = torch.zeros(b, h, g * q_len, buf_v.shape[-1], device=query.device)
-
-    def merge(scores: torch.Tensor, mix: Any, rows: Any, heads: Any) -> None:
-        blk_max = scores.amax(-1)
-        safe = torch.where(torch.isfinite(blk_max), blk_max, torch.zeros_like(blk_max))
-        p = torch.exp(scores - safe.unsqueeze(-1))
-        old_max = run_max[rows, heads]
-        new_max = torch.maximum(old_max, blk_max)
-        new_safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-        a_old = torch.exp(old_max - new_safe)
-        a_blk = torch.exp(safe - new_safe)
-        run_sum[rows, heads] = run_sum[rows, heads] * a_old + p.sum(-1) * a_blk
-        run_out[rows, heads] = run_out[rows, heads] * a_old.unsqueeze(-1) + mix(p) * a_blk.unsqueeze(-1)
-        run_max[rows, heads] = new_max
-
-    for seg in segments:
-        qs = q[seg.rows, seg.heads]  # (pairs, g*q_len, d)
-        if seg.codec is not None and hasattr(seg.codec, "scores"):
-            codec = seg.codec
-            merge(codec.scores(qs, workspace) * scaling, lambda p: codec.mix(p, workspace), seg.rows, seg.heads)
-            continue
-        seg_k, seg_v = seg.kv(workspace, torch.float32)  # reconstructed here, one segment at a time
-        merge((qs @ seg_k.transpose(-1, -2)) * scaling, lambda p: p @ seg_v, seg.rows, seg.heads)
-    if buf_k.shape[-2] > 0:
-        scores = (q @ buf_k.float().transpose(-1, -2)) * scaling  # (b, h, g*q_len, n)
-        if causal is not None:
-            scores = scores.view(b, h, g, q_len, -1).masked_fill(~causal, float("-inf")).view(b, h, g * q_len, -1)
-        merge(scores, lambda p: p @ buf_v.float(), slice(None), slice(None))
-    out = run_out / run_sum.unsqueeze(-1)
-    return out.view(b, hq, q_len, -1).transpose(1, 2).to(query.dtype)
-
-
 class KVCompressCache(Cache):
     """A ``Cache`` whose layers hold only what the compression pipeline kept. Create it with
     :func:`kvcompress.compress`, then pass it as ``cache`` (``past_key_values`` before transformers 5.24) to
     ``generate`` or to a forward loop."""
 
-    def __init__(self, config: Any, compressors: list[Compressor], *, trace: bool = False):
+    def __init__(self, config: Any, compressors: list[Compressor], *, trace: bool = False, diagnostics: bool = False):
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.num_layers = text_config.num_hidden_layers
         self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
@@ -529,6 +539,13 @@ class KVCompressCache(Cache):
         self.observers: list[Any] = []
         self._inputs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self.trace = trace  # keep logical positions of kept entries (a diagnostic; not counted as cache memory)
+        #: selection compressors that also evict while decoding: they need each slot's position (counted)
+        self.evictors = [c for c in compressors if c.axis is not Axis.HIDDEN and c.active("decode")]
+        self.positions_counted = bool(self.evictors)
+        # in-place eviction leaves slots out of position order: not when a codec will later encode the buffer in order
+        self.evict_in_place = not any(c.axis is Axis.HIDDEN and c.active("decode") for c in compressors)
+        #: opt-in diagnostics off the hot path (e.g. the reconstruction error of every hidden-axis encode)
+        self.diagnostics = diagnostics
         self.enabled = True
         self.workspace = Workspace()  # scratch for reconstructing encoded blocks in attention (not cache data)
         super().__init__(layers=[KVCompressLayer(i, self) for i in range(self.num_layers)])
@@ -591,6 +608,7 @@ class KVCompressCache(Cache):
             shared=self.shared.setdefault(comp.name, {}),
             hidden_states=self._inputs[0],
             attn_output=self._inputs[1],
+            decode_count=layer.length if layer.dense else None,
         )
 
     def _prefill(
@@ -617,22 +635,44 @@ class KVCompressCache(Cache):
     def _decode(
         self, layer: KVCompressLayer, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> None:
-        if any(c.axis is not Axis.HIDDEN and c.active("decode") for c in self.compressors):
-            view = layer.materialize(_padding_validity(attention_mask, layer.length))
-            self._apply(layer, module, query, view, "decode")
-            return
+        acting = [c for c in self.evictors
+                  if c.decode_step(self._context(layer, c, module, query, "decode"))]
+        if acting:
+            targets = [c.decode_target(self._context(layer, c, module, query, "decode")) for c in acting]
+            if self.evict_in_place and layer.dense and None not in targets:
+                self._evict_in_place(layer, acting, module, query, min(targets))
+            else:  # ragged or encoded layers, or a target not known on the host: re-select and re-store the layer
+                view = layer.materialize(_padding_validity(attention_mask, layer.length))
+                self._apply(layer, module, query, view, "decode", only=acting)
+                return
         for comp in self.compressors:
             if comp.axis is Axis.HIDDEN and comp.active("decode"):
                 if layer.plain_tail() >= comp.residual_tokens() + comp.chunk_tokens():
                     layer.encode(comp, self._context(layer, comp, module, query, "decode"))
 
-    def _apply(
-        self, layer: KVCompressLayer, module: torch.nn.Module, query: torch.Tensor, view: LayerView, phase: str
+    def _evict_in_place(
+        self, layer: KVCompressLayer, acting: list[Compressor], module: torch.nn.Module, query: torch.Tensor,
+        target: int,
     ) -> None:
-        """Run the selection axes in order on ``view``, store what is kept, then hand it to the hidden axis."""
+        """Decode-time eviction on a dense buffer: the methods score the slots as stored (positions give the ranks),
+        then every pair drops down to ``target`` entries by moving its newest entries into the evicted slots
+        (:meth:`KVCompressLayer.compact`) — a few slots copied, no sync, the layer never re-stored."""
+        view = layer.slot_view()
+        for comp in acting:
+            keep = comp.select(view, self._context(layer, comp, module, query, "decode"))
+            view = LayerView(view.keys, view.values, keep, view.positions, ordered=False)
+        if layer.length > target:
+            layer.compact(view.valid, layer.length - target)
+
+    def _apply(
+        self, layer: KVCompressLayer, module: torch.nn.Module, query: torch.Tensor, view: LayerView, phase: str,
+        only: list[Compressor] | None = None,
+    ) -> None:
+        """Run the selection axes in order on ``view`` (``only`` these at a decode step), store what is kept, then hand
+        it to the hidden axis."""
         before = view.valid
         for comp in self.compressors:
-            if comp.axis is Axis.HIDDEN or not comp.active(phase):
+            if comp.axis is Axis.HIDDEN or not comp.active(phase) or (only is not None and comp not in only):
                 continue
             keep = comp.select(view, self._context(layer, comp, module, query, phase))
             if keep.shape != view.valid.shape or bool((keep & ~view.valid).any()):
@@ -641,7 +681,7 @@ class KVCompressCache(Cache):
         hidden = [c for c in self.compressors if c.axis is Axis.HIDDEN and c.active(phase)]
         dropped = not bool(torch.equal(view.valid, before))
         padded = layer.pristine and not bool(before.all())
-        if dropped or (hidden and padded) or (phase == "decode" and hidden and layer.segments):
+        if dropped or (hidden and padded) or (phase == "decode" and hidden and (layer.segments or layer.ragged)):
             layer.store(view)  # a pristine layer is left alone when nothing is dropped (identical to uncompressed)
         for comp in hidden:
             layer.encode(comp, self._context(layer, comp, module, query, phase))
@@ -691,7 +731,7 @@ class KVCompressCache(Cache):
     def kept_positions(self, layer_idx: int, row: int = 0) -> list[list[int]]:
         """Logical positions held per KV head of one row (needs ``trace=True``)."""
         layer = self.layers[layer_idx]
-        if layer.positions is None and not any(s.positions is not None for s in layer.segments):
+        if not self.trace:
             raise KVCompressError("kept_positions needs a cache created with trace=True")
         view = layer.materialize(None)
         out = []
@@ -700,7 +740,7 @@ class KVCompressCache(Cache):
             pos = view.positions[row, h][sel]
             if layer.pristine and layer.pad is not None:
                 pos = pos[pos >= layer.pad[row]]
-            out.append(pos.tolist())
+            out.append(sorted(pos.tolist()))  # slots need not be in position order (decode-time eviction)
         return out
 
     def bits_split(self) -> list[tuple[float, float]]:
@@ -722,11 +762,11 @@ class KVCompressCache(Cache):
             dtype = layer.keys.dtype
             elements = tokens * (layer.keys.shape[-1] + layer.values.shape[-1])
             own = other = 0
-            for t in layer.tensors():
+            for t, used in layer._holdings():
                 if t.dtype == dtype:
-                    own += _nbytes(t)
+                    own += used
                 else:
-                    other += _nbytes(t)
+                    other += used
             out.append((8.0 * other / elements, own / layer.keys.element_size() / elements))
         return out
 

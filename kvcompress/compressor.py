@@ -47,7 +47,9 @@ class LayerView:
     """What one layer currently holds, padded to a rectangle for scoring.
 
     keys, values: ``(batch, kv_heads, n, head_dim)``; valid: ``(batch, kv_heads, n)`` bool — False for left padding,
-    for the rectangle's filler and for entries an earlier compressor dropped. Entries are in position order.
+    for the rectangle's filler and for entries an earlier compressor dropped. Entries are in position order, unless
+    ``ordered`` is False: then they are in the order of the cache's slots (a decode-time eviction in place scores the
+    buffer as it is stored) and ``positions`` gives the order — :meth:`rank` and the selection helpers use it.
     positions: logical positions ``(batch, kv_heads, n)`` when known (always for a layer that was never compressed).
     """
 
@@ -55,6 +57,15 @@ class LayerView:
     values: torch.Tensor
     valid: torch.Tensor
     positions: torch.Tensor | None = None
+    ordered: bool = True
+
+    def order(self) -> torch.Tensor:
+        """The permutation ``(batch, kv_heads, n)`` that puts each (row, head)'s valid entries in position order
+        (invalid entries last): ``x.gather(-1, view.order())`` is ``x`` in position order."""
+        if self.ordered:
+            return torch.arange(self.valid.shape[-1], device=self.valid.device).expand_as(self.valid)
+        last = torch.iinfo(self.positions.dtype).max
+        return torch.argsort(self.positions.masked_fill(~self.valid, last), dim=-1, stable=True)
 
     @property
     def counts(self) -> torch.Tensor:
@@ -67,7 +78,11 @@ class LayerView:
         Ranks make methods independent of padding and of the other rows of a batch: a row's sink is its first
         real token whatever its left padding.
         """
-        return torch.where(self.valid, self.valid.long().cumsum(-1) - 1, -1)
+        if self.ordered:
+            return torch.where(self.valid, self.valid.long().cumsum(-1) - 1, -1)
+        order = self.order()
+        slots = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+        return torch.where(self.valid, torch.empty_like(order).scatter_(-1, order, slots), -1)
 
 
 @dataclass
@@ -96,6 +111,8 @@ class CompressionContext:
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)
     hidden_states: torch.Tensor | None = None
     attn_output: torch.Tensor | None = None
+    #: at a decode step, the entries every (row, head) holds when the layer is one dense buffer (host int), else None
+    decode_count: int | None = None
 
     @property
     def num_kv_groups(self) -> int:
@@ -132,6 +149,17 @@ class Compressor:
     def active(self, phase: str) -> bool:
         return phase in self.phases
 
+    def decode_step(self, ctx: CompressionContext) -> bool:
+        """Called at every decode step of a compressor active in the decode phase, before any view is built: whether
+        it selects at this step (False: the step only appends). Cheap per-step bookkeeping belongs here."""
+        return True
+
+    def decode_target(self, ctx: CompressionContext) -> int | None:
+        """Entries every (row, head) keeps after a decode-step selection, known on the host (the same for all pairs),
+        or None. With a target the cache evicts in place (:meth:`KVCompressLayer.compact`); without one it re-stores
+        the layer after selecting on a materialized view."""
+        return None
+
     def observe(self, view: LayerView, ctx: CompressionContext) -> None:
         """Prefill hook with every prompt query at hand (``ctx.query``), run for each layer as soon as its prefill
         attention is done, before any :meth:`select`. Store what select will need in ``ctx.state``/``ctx.shared``."""
@@ -159,16 +187,19 @@ class Workspace:
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def get(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A view of ``shape`` into the slot's buffer on ``device`` (one buffer per slot and device, so layers of a
+        model split across devices do not reallocate each other's)."""
         numel = 1
         for size in shape:
             numel *= size
-        buf = self._buffers.get(slot)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        key = (slot, torch.device(device))
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
             buf = torch.empty(numel, dtype=dtype, device=device)
-            self._buffers[slot] = buf
+            self._buffers[key] = buf
         return buf[:numel].view(shape)
 
     def nbytes(self) -> int:
@@ -202,7 +233,7 @@ class HiddenCompressor(Compressor):
 
     After the selection axes, the cache hands blocks of kept entries to :meth:`encode` and stores the returned
     :class:`Codec` instead of the full-precision tensors. For every (row, KV head) pair the same rule holds, whatever
-    the layout (uniform buffer or ragged segments, batch or alone): of the pair's full-precision tail, the newest
+    the layout (uniform buffer or ragged storage, batch or alone): of the pair's full-precision tail, the newest
     :meth:`residual_tokens` stay in full precision and the oldest whole :meth:`chunk_tokens` beyond that are encoded —
     at prefill and, while decoding, whenever the tail reaches ``residual + chunk``. Attention reconstructs one block
     at a time (into the cache's :class:`Workspace`), or none where the codec attends directly (``scores``/``mix``).
@@ -333,12 +364,14 @@ def counter_hash(*parts: torch.Tensor | int) -> torch.Tensor:
     """A counter-based pseudo-random number in [0, 1) from integer inputs (broadcast), SplitMix64-style.
 
     Unlike a stateful generator, the value for (seed, layer, head, rank) does not depend on the batch it is drawn in,
-    which keeps batched rows independent of one another.
+    which keeps batched rows independent of one another. The draw lives on the device of the tensor parts (the CPU
+    when every part is an int).
     """
     mask = (1 << 62) - 1
-    x = torch.zeros((), dtype=torch.long)
+    device = next((p.device for p in parts if isinstance(p, torch.Tensor)), torch.device("cpu"))
+    x = torch.zeros((), dtype=torch.long, device=device)
     for i, p in enumerate(parts):
-        p = torch.as_tensor(p, dtype=torch.long)
+        p = torch.as_tensor(p, dtype=torch.long, device=device)
         x = (x * 1_000_003 + p + (i + 1) * 0x9E3779B9) & mask
         x = ((x ^ (x >> 31)) * 0x5851F42D) & mask
         x = ((x ^ (x >> 29)) * 0x14057B7E) & mask

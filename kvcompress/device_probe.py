@@ -90,7 +90,8 @@ def _is_virtual(x: Any) -> bool:
 
 def _where() -> str:
     """The innermost frame of kvcompress (or the caller) that issued the current op: ``file:line``."""
-    frames = [f for f in traceback.extract_stack()[:-3] if "/torch/" not in f.filename and "device_probe" not in f.filename]
+    frames = [f for f in traceback.extract_stack()[:-3]
+              if "/torch/" not in f.filename and "device_probe" not in f.filename]
     ours = [f for f in frames if "kvcompress" in f.filename or "/methods/" in f.filename or "/eval/" in f.filename]
     f = (ours or frames or [None])[-1]
     return f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" if f else "?"
@@ -162,7 +163,8 @@ class _Dispatch(TorchDispatchMode):
             return args[0]  # in-place: the same wrapper
         if not on_virtual:
             return out
-        return tree_map(lambda o: VirtualTensor(o) if isinstance(o, torch.Tensor) and not isinstance(o, VirtualTensor) else o, out)
+        wrap = lambda o: VirtualTensor(o) if isinstance(o, torch.Tensor) and not isinstance(o, VirtualTensor) else o  # noqa: E731
+        return tree_map(wrap, out)
 
 
 class _Functions(TorchFunctionMode):
@@ -179,7 +181,8 @@ class _Functions(TorchFunctionMode):
             if isinstance(data, VirtualTensor):
                 return data.to(dtype=kwargs.get("dtype") or data.dtype)
             return VirtualTensor(func(*args, **{**kwargs, "device": "cpu"}))
-        if func in (torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__) and args and isinstance(args[0], VirtualTensor):
+        host_reads = (torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__)
+        if func in host_reads and args and isinstance(args[0], VirtualTensor):
             self.state.sync(func.__name__)
             return func(args[0].payload, *args[1:], **kwargs)
         return func(*args, **kwargs)

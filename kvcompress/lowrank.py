@@ -29,7 +29,7 @@ import os
 import sys
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 def layer_fingerprint(attention: torch.nn.Module) -> float:
     """A cheap fingerprint of one attention layer's key/value projections."""
     k, v = attention.k_proj.weight.detach().double(), attention.v_proj.weight.detach().double()
-    ramp = lambda w: torch.linspace(1.0, 2.0, w.numel(), dtype=torch.float64).view_as(w)  # noqa: E731
+    ramp = lambda w: torch.linspace(1.0, 2.0, w.numel(), dtype=torch.float64, device=w.device).view_as(w)  # noqa: E731
     return float((k * ramp(k)).sum() + 3.0 * (v * ramp(v)).sum())
 
 
@@ -91,7 +91,10 @@ def _read_text(text: str) -> str:
 @dataclass
 class Bases:
     """Per-(layer, KV head) orthonormal bases, columns by decreasing eigenvalue: keys ``(L, H, D, D)``, values
-    ``(L, H, Dv, Dv)`` (float32), with the eigenvalues (energy per direction) ``(L, H, D)``."""
+    ``(L, H, Dv, Dv)`` (float32), with the eigenvalues (energy per direction) ``(L, H, D)``.
+
+    The artifact keeps them on the CPU; :meth:`layer` hands out one layer's bases on the device of the keys that use
+    them (moved once per layer and device, then reused)."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -101,6 +104,20 @@ class Bases:
     source: str
     tokens: int
     path: Path | None = None
+    #: moved copies handed out by :meth:`layer`, by (layer, device)
+    _moved: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def layer(self, i: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s key and value bases ``(H, D, D)``, ``(H, Dv, Dv)`` on ``device``, float32 (the codecs
+        project in float32). Moved once per (layer, device) and cached, so every block of a layer shares one copy."""
+        device = torch.device(device)
+        if self.keys.device == device:
+            return self.keys[i], self.values[i]
+        key = (i, str(device))
+        moved = self._moved.get(key)
+        if moved is None:
+            moved = self._moved[key] = (self.keys[i].to(device), self.values[i].to(device))
+        return moved
 
     @property
     def nbytes(self) -> int:
@@ -149,8 +166,8 @@ def calibration_ids(model: torch.nn.Module, tokenizer: Any = None, text: str | N
         if text is not None:
             raise KVCompressError("calibration text needs the model's tokenizer; valid: calibrate(model, tokenizer, text=...)")
         vocab = _text_config(model.config).vocab_size
-        g = torch.Generator().manual_seed(0)
-        return torch.randint(3, vocab, (1, tokens), generator=g)
+        g = torch.Generator().manual_seed(0)  # a host generator: the same ids on every device (moved by the caller)
+        return torch.randint(3, vocab, (1, tokens), generator=g, device="cpu")
     if text is None:
         from kvcompress.eval.haystack import corpus_text
 
@@ -189,7 +206,8 @@ def calibrate(model: torch.nn.Module, tokenizer: Any = None, text: str | None = 
         v, e = _eigbasis(layer.values[0, :, : layer.length])
         vs.append(v), ves.append(e)
     fps = [layer_fingerprint(m) for m in _attention_modules(model)]
-    bases = Bases(torch.stack(ks), torch.stack(vs), torch.stack(kes), torch.stack(ves), fps,
+    # computed where the model runs; kept on the CPU like a loaded artifact (moved per layer when used)
+    bases = Bases(torch.stack(ks).cpu(), torch.stack(vs).cpu(), torch.stack(kes).cpu(), torch.stack(ves).cpu(), fps,
                   _source_tag(text, tokenizer is not None), int(ids.shape[1]))
     path = artifact_path(model.config, text, tokenizer is not None)
     if save:

@@ -76,10 +76,11 @@ class Ragged:
 
     # -- building -----------------------------------------------------------------------------------------------
     @classmethod
-    def pack(cls, flat_k: torch.Tensor, flat_v: torch.Tensor, flat_pos: torch.Tensor | None, counts: torch.Tensor | tuple[int, ...],
-             page: int = PAGE) -> Ragged:
+    def pack(cls, flat_k: torch.Tensor, flat_v: torch.Tensor, flat_pos: torch.Tensor | None,
+             counts: torch.Tensor | tuple[int, ...], page: int = PAGE) -> Ragged:
         """Pack entries given pair after pair (``flat_* (N, ...)``, pair-contiguous, position order within a pair,
-        as a boolean selection of a ``(batch, kv_heads, n)`` rectangle yields them); ``counts`` per pair, on the host (a CPU tensor or ints)."""
+        as a boolean selection of a ``(batch, kv_heads, n)`` rectangle yields them); ``counts`` per pair, on the host
+        (a CPU tensor or ints)."""
         counts = torch.as_tensor(counts, dtype=torch.long, device="cpu")
         device = flat_k.device
         full = counts // page  # whole pages per pair

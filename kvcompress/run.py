@@ -136,7 +136,8 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
         )
 
     def make_cache() -> kvcompress.KVCompressCache:
-        return kvcompress.compress(model, names, ratio=cfg.ratio, budget=cfg.budget, params=params)
+        # an evaluation run records what the methods decided, reconstruction errors included (off by default)
+        return kvcompress.compress(model, names, ratio=cfg.ratio, budget=cfg.budget, params=params, diagnostics=True)
 
     accuracy = eval_module.run(model, make_cache, cfg.eval, seed=int(cfg.seed), tokenizer=loaded.tokenizer)
     cache = accuracy.pop("_cache")

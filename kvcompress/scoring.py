@@ -92,13 +92,16 @@ def attention_mass(
     query_valid: torch.Tensor | None = None,
     causal: bool = True,
     chunk: int = 256,
+    all_valid: bool | None = None,
 ) -> torch.Tensor:
     """Sum over queries of each query head's softmax attention to each key: ``(batch, q_heads, n)``, float32.
 
     query ``(batch, q_heads, m, d)``; keys ``(batch, kv_heads, n, d)``; valid ``(batch, kv_heads, n)``. With ``causal``
     the m queries are the tokens of the last m entries (query i may see entries ``≤ n − m + i``). query_valid
-    ``(batch, m)`` drops queries (left padding): pass it whenever some of the queries may be padding. Queries are processed ``chunk`` at a time and each chunk only looks at
-    the keys it can see, so memory is O(chunk · n) per head and the causal half is never computed.
+    ``(batch, m)`` drops queries (left padding): pass it whenever some of the queries may be padding. Queries are
+    processed ``chunk`` at a time and each chunk only looks at the keys it can see, so memory is O(chunk · n) per head
+    and the causal half is never computed. ``all_valid``: whether every key is valid, when the caller knows it on the
+    host (None: read from ``valid`` — a sync; True skips the key mask, a pass over the scores).
     """
     b, hq, m, d = query.shape
     h, n = keys.shape[1], keys.shape[2]
@@ -106,8 +109,11 @@ def attention_mass(
     k_t = keys.float().transpose(-1, -2)
     # Masked logits get −1e30 (not −inf): a query that sees no valid key then yields finite values, which its
     # zero weight removes, and a masked entry still contributes exactly exp(−1e30 − max) = 0.
-    key_bias = None if bool(valid.all()) else torch.zeros(valid.shape).masked_fill_(~valid, _MASKED)[:, :, None]
-    out = torch.zeros(b, h, g, 1, n)
+    device = keys.device
+    if all_valid is None:
+        all_valid = bool(valid.all())
+    key_bias = None if all_valid else torch.zeros(valid.shape, device=device).masked_fill_(~valid, _MASKED)[:, :, None]
+    out = torch.zeros(b, h, g, 1, n, device=device)
     for start in range(0, m, chunk):
         stop = min(start + chunk, m)
         c = stop - start
@@ -118,7 +124,7 @@ def attention_mass(
             s.add_(key_bias[..., :end])
         if causal:  # only the chunk's diagonal block [end − c, end) is partly hidden
             blk = s.view(b, h, g, c, end)[..., end - c:]
-            blk.add_(torch.full((c, c), _MASKED).triu_(1))
+            blk.add_(torch.full((c, c), _MASKED, device=device).triu_(1))
         s.sub_(s.amax(-1, keepdim=True)).exp_()
         weight = 1.0 / s.sum(-1)  # softmax normalisation, folded into the sum over queries
         if query_valid is not None:
@@ -154,17 +160,24 @@ def protected_mask(view: LayerView, sink: int, window: int | torch.Tensor, kept:
     rank = view.rank()
     n = view.counts.unsqueeze(-1)
     kept = kept.unsqueeze(-1)
-    window = torch.as_tensor(window)
-    window = window.unsqueeze(-1) if window.dim() else window
     n_sink = torch.clamp(kept, max=sink)
-    n_recent = torch.minimum(torch.clamp(kept - n_sink, min=0), window)
+    if isinstance(window, torch.Tensor):
+        window = window.unsqueeze(-1) if window.dim() else window
+        n_recent = torch.minimum(torch.clamp(kept - n_sink, min=0), window)
+    else:
+        n_recent = torch.clamp(kept - n_sink, min=0, max=window)
     return view.valid & ((rank < n_sink) | (rank >= n - n_recent))
 
 
 def uniform_select(scores: torch.Tensor, view: LayerView, kept: torch.Tensor, protect: torch.Tensor) -> torch.Tensor:
-    """Protected entries plus the top ``kept − protected`` scores of each (row, head)."""
+    """Protected entries plus the top ``kept − protected`` scores of each (row, head); ties go to the earlier
+    position (also when the view is in slot order)."""
     rest = kept - protect.sum(-1)
-    return protect | topk_mask(scores, rest, view.valid & ~protect)
+    if view.ordered:
+        return protect | topk_mask(scores, rest, view.valid & ~protect)
+    order = view.order()
+    chosen = topk_mask(scores.gather(-1, order), rest, (view.valid & ~protect).gather(-1, order))
+    return protect | torch.zeros_like(chosen).scatter_(-1, order, chosen)
 
 
 def adakv_select(
@@ -182,14 +195,21 @@ def adakv_select(
     return chosen.view(b, h, n)
 
 
-def to_rank_order(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Compact ``values`` ``(batch, heads, n)`` to the entries of ``mask``, in order: ``(batch, heads, max count)``
-    (zero-filled) — the layout of per-entry state kept across steps (entry r = the r-th kept entry)."""
-    counts = mask.sum(-1)
-    width = int(counts.max()) if counts.numel() else 0
+def to_rank_order(values: torch.Tensor, mask: torch.Tensor, view: LayerView | None = None,
+                  width: int | None = None) -> torch.Tensor:
+    """Compact ``values`` ``(batch, heads, n)`` to the entries of ``mask``, in position order: ``(batch, heads,
+    width)`` (zero-filled; ``width`` defaults to the largest count, read from the device) — the layout of per-entry
+    state kept across steps (entry r = the r-th kept entry). ``view``: the view ``values`` is aligned with, needed
+    when its entries are in slot order."""
+    if view is not None and not view.ordered:
+        order = view.order()
+        values, mask = values.gather(-1, order), mask.gather(-1, order)
+    if width is None:
+        counts = mask.sum(-1)
+        width = int(counts.max()) if counts.numel() else 0
     out = values.new_zeros(values.shape[:2] + (width,))
     rank = mask.long().cumsum(-1) - 1
-    idx = torch.where(mask, rank, width)  # masked-out entries go to a scratch column
+    idx = torch.where(mask & (rank < width), rank, width)  # masked-out entries go to a scratch column
     scratch = values.new_zeros(values.shape[:2] + (width + 1,))
     scratch.scatter_(-1, idx, values.masked_fill(~mask, 0))
     out.copy_(scratch[..., :width])
@@ -202,7 +222,9 @@ def from_rank_order(state: torch.Tensor, view: LayerView) -> torch.Tensor:
     rank = view.rank()
     width = state.shape[-1]
     inside = (rank >= 0) & (rank < width)
-    gathered = torch.gather(state, -1, rank.clamp(min=0, max=max(width - 1, 0))) if width else torch.zeros_like(rank, dtype=state.dtype)
+    if not width:
+        return torch.zeros_like(rank, dtype=state.dtype)
+    gathered = torch.gather(state, -1, rank.clamp(min=0, max=width - 1))
     return torch.where(inside, gathered, torch.zeros_like(gathered))
 
 
@@ -271,7 +293,7 @@ class ScoredTokenCompressor(Compressor):
     def active(self, phase: str) -> bool:
         return phase == "prefill" or (phase == "decode" and getattr(self, "phase", "prefill") == "decode")
 
-    def protect(self, view: LayerView, kept: torch.Tensor) -> torch.Tensor:
+    def protect(self, view: LayerView, kept: torch.Tensor, ctx: CompressionContext | None = None) -> torch.Tensor:
         """Entries kept whatever their score (sinks, recent window), inside the budget."""
         return protected_mask(view, self.sink, self.window, kept)
 
@@ -293,8 +315,14 @@ class ScoredTokenCompressor(Compressor):
         if decode:
             target = kept if self.budget is None else torch.full_like(kept, self.budget)
             ctx.state["target"] = target
+            ctx.state["held"] = uniform_value(target)  # host int (not a tensor: not cache memory)
             self.after_prefill(scores, view, keep, ctx)
         return keep
+
+    def decode_target(self, ctx: CompressionContext) -> int | None:
+        """The size every (row, head) is held at while decoding, when it is the same for all (known since the
+        prefill); None otherwise (rows or heads of different sizes: the cache re-stores the layer at eviction)."""
+        return ctx.state.get("held")
 
     def after_prefill(self, scores: torch.Tensor, view: LayerView, keep: torch.Tensor, ctx: CompressionContext) -> None:
         """Hook for decode-mode state (e.g. H2O's accumulated attention)."""
@@ -304,18 +332,31 @@ class ScoredTokenCompressor(Compressor):
         counts = view.counts
         if target is None:  # prefill ran paused: hold the current size
             target = ctx.state["target"] = counts - 1
+            if ctx.decode_count is not None:
+                ctx.state["held"] = ctx.decode_count - 1
         scores = self.decode_scores(view, ctx)
-        if scores is None or bool((counts <= target).all()):
+        held = ctx.state.get("held")
+        if ctx.decode_count is not None and held is not None:  # a dense layer: decided on the host, no sync
+            full = ctx.decode_count <= held
+        else:
+            full = bool((counts <= target).all())
+        if scores is None or full:
             keep = view.valid
         else:
             # Top-k per (row, head) at decode: the allocation across heads was decided at the prefill.
             kept = torch.minimum(counts, target)
-            keep = uniform_select(scores, view, kept, self.protect(view, kept))
+            keep = uniform_select(scores, view, kept, self.protect(view, kept, ctx))
         self.after_decode(scores, view, keep, ctx)
         return keep
 
     def after_decode(self, scores: torch.Tensor, view: LayerView, keep: torch.Tensor, ctx: CompressionContext) -> None:
         """Hook: re-index per-entry state to the kept entries."""
+
+
+def uniform_value(x: torch.Tensor) -> int | None:
+    """The value every entry of ``x`` has, read on the host (prefill only), or None when they differ."""
+    flat = x.flatten().tolist()
+    return flat[0] if flat and all(v == flat[0] for v in flat) else None
 
 
 def needs_all_queries(comp: Compressor, view: LayerView, ctx: CompressionContext) -> None:

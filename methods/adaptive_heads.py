@@ -15,7 +15,7 @@ Reasoning", 2024 (HeadKV, arXiv 2410.19258).
 * Tokens within a head: SnapKV-style — the attention of the last ``window=32`` prompt queries (summed over the
   head's query group), average-pooled over ``kernel=7`` neighbouring positions (SnapKV's clustering), with the
   first ``sink=4`` tokens and the observation window itself ranked first.
-* Storage: heads keep different counts, so layers are stored ragged (the core's segments); bytes are real.
+* Storage: heads keep different counts, so layers are stored ragged (the core's packed layout); bytes are real.
 * Prefill phase only.
 """
 
@@ -87,16 +87,16 @@ class AdaptiveHeads(Compressor):
             raise KVCompressError(f"scores={self.scores!r} is invalid; valid: auto, prompt, or a path to a head-score artifact")
 
     def head_weights(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
-        """``(batch, kv_heads)`` non-negative head weights."""
+        """``(batch, kv_heads)`` non-negative head weights, on the view's device."""
         b, h = view.valid.shape[:2]
         data = resolve_scores(self, ctx)
         if data is None:
             return out_of_window_mass(view, ctx, self.sink, self.window)
         other = "mass" if data["primary"] == "retrieval" else "retrieval"
-        row = torch.tensor(data[data["primary"] + "_kv"][ctx.layer_idx], dtype=torch.float64)
-        if float(row.sum()) <= 0:
-            row = torch.tensor(data[other + "_kv"][ctx.layer_idx], dtype=torch.float64)
-        return row.unsqueeze(0).expand(b, h)
+        row = data[data["primary"] + "_kv"][ctx.layer_idx]
+        if sum(row) <= 0:
+            row = data[other + "_kv"][ctx.layer_idx]
+        return torch.tensor(row, dtype=torch.float64, device=view.valid.device).unsqueeze(0).expand(b, h)
 
     def select(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
         n = view.counts  # (b, h)
@@ -104,15 +104,19 @@ class AdaptiveHeads(Compressor):
         if bool((per_head >= n).all()):
             return view.valid
         b, h = n.shape
-        weights = self.head_weights(view, ctx)
-        counts = torch.zeros_like(n)
+        # The allocation is integer bookkeeping in Python: read counts, budgets and weights back once.
+        avail_rows, budget_rows = n.tolist(), per_head.tolist()
+        weight_rows = self.head_weights(view, ctx).tolist()
+        alloc = []
         for r in range(b):
-            avail = n[r].tolist()
+            avail = avail_rows[r]
             if max(avail) == 0:
+                alloc.append([0] * h)
                 continue
-            base = int(per_head[r].max())
+            base = max(budget_rows[r])
             floor = min(base, max(1, round(self.floor * base)))
-            counts[r] = torch.tensor(allocate(int(per_head[r].sum()), avail, weights[r].tolist(), floor))
+            alloc.append(allocate(sum(budget_rows[r]), avail, weight_rows[r], floor))
+        counts = torch.tensor(alloc, dtype=n.dtype, device=n.device)
         probs = window_probs(view, ctx, self.window)  # (b, hq, w, n)
         g = probs.shape[1] // h
         token_scores = probs.sum(2).view(b, h, g, -1).sum(2)  # (b, h, n)

@@ -34,15 +34,24 @@ from kvcompress.errors import KVCompressError, check_positive_int
 from kvcompress.scoring import ScoredTokenCompressor, group_reduce, needs_all_queries, query_validity
 
 
-def rope_inv_freq(module: torch.nn.Module, cache: dict[str, Any]) -> torch.Tensor:
-    """Inverse RoPE frequencies ``(rotary_dim / 2,)`` of the model family of ``module`` (memoised in ``cache``)."""
+def rope_inv_freq(module: torch.nn.Module, cache: dict[str, Any], device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse RoPE frequencies ``(rotary_dim / 2,)`` of the model family of ``module``, on ``device`` (default: where
+    the family's rotary class builds them, the host). Built once (the same values whatever the device the scores run
+    on) and memoised in ``cache``, with one copy per device asked for."""
     if "inv_freq" not in cache:
         family = sys.modules[type(module).__module__]
         names = [n for n in dir(family) if n.endswith("RotaryEmbedding") and isinstance(getattr(family, n), type)]
         if not names:
             raise KVCompressError(f"expected_attention needs RoPE; {type(module).__name__} has no rotary embedding")
         cache["inv_freq"] = getattr(family, names[0])(config=module.config).inv_freq.float()
-    return cache["inv_freq"]
+    host = cache["inv_freq"]
+    if device is None or torch.device(device) == host.device:
+        return host
+    on_device = cache.setdefault("inv_freq_on_device", {})
+    key = str(torch.device(device))
+    if key not in on_device:
+        on_device[key] = host.to(device)
+    return on_device[key]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +89,7 @@ class ExpectedAttention(ScoredTokenCompressor):
         """μ' ``(batch, q_heads, d)`` and Σ' ``(batch, q_heads, d, d)`` of the RoPE-averaged future queries."""
         q = ctx.query.float()
         b, hq, s, d = q.shape
-        inv_freq = rope_inv_freq(ctx.module, ctx.shared)
+        inv_freq = rope_inv_freq(ctx.module, ctx.shared, q.device)
         qv = query_validity(view, s)  # (b, s)
         pos = (qv.long().cumsum(-1) - 1).clamp(min=0).double()
         angle = torch.cat([pos[..., None] * inv_freq.double()] * 2, dim=-1)  # (b, s, rd)
@@ -94,12 +103,12 @@ class ExpectedAttention(ScoredTokenCompressor):
         cov = centered.transpose(-1, -2) @ centered / count[..., None]  # (b, hq, d, d)
         # Mean rotation over the future positions n_row .. n_row + n_future − 1.
         start = qv.sum(-1).double()  # (b,)
-        future = start[:, None] + torch.arange(self.n_future, dtype=torch.float64)  # (b, F)
+        future = start[:, None] + torch.arange(self.n_future, dtype=torch.float64, device=q.device)  # (b, F)
         f_angle = future[..., None] * inv_freq.double()  # (b, F, rd/2)
         cos_bar = torch.cat([f_angle.cos().mean(1)] * 2, -1).float()[:, None]  # (b, 1, rd)
         sin_bar = torch.cat([f_angle.sin().mean(1)] * 2, -1).float()[:, None]
         mu_rot = _rotate(mu, cos_bar, sin_bar)
-        eye = torch.eye(d).expand(b, 1, d, d)
+        eye = torch.eye(d, device=q.device).expand(b, 1, d, d)
         m = _rotate(eye, cos_bar[:, :, None], sin_bar[:, :, None]).transpose(-1, -2)  # (b, 1, d, d): M
         cov_rot = m @ cov @ m.transpose(-1, -2)
         return mu_rot, cov_rot

@@ -57,8 +57,14 @@ class H2O(ScoredTokenCompressor):
             raise KVCompressError(f"recent={self.recent!r} is invalid; valid: a fraction of the budget in [0, 1]")
         check_positive_int(self.chunk, "chunk")
 
-    def protect(self, view: LayerView, kept: torch.Tensor) -> torch.Tensor:
-        window = self.window if self.window > 0 else torch.round(kept.double() * self.recent).long()
+    def protect(self, view: LayerView, kept: torch.Tensor, ctx: CompressionContext | None = None) -> torch.Tensor:
+        held = ctx.state.get("held") if ctx is not None and ctx.phase == "decode" else None
+        if self.window > 0:
+            window = self.window
+        elif held is not None:  # decode: pairs that evict keep `held` (the others keep everything): host arithmetic
+            window = round(held * self.recent)
+        else:
+            window = torch.round(kept.double() * self.recent).long()
         return protected_mask(view, self.sink, window, kept)
 
     def score(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
@@ -74,9 +80,16 @@ class H2O(ScoredTokenCompressor):
         ctx.state["acc"] = to_rank_order(scores, keep)
 
     def decode_scores(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
-        acc = from_rank_order(ctx.state["acc"], view) if "acc" in ctx.state else torch.zeros(view.valid.shape)
-        mass = attention_mass(ctx.query, view.keys, view.valid, ctx.scaling, causal=False)
+        if "acc" in ctx.state:
+            acc = from_rank_order(ctx.state["acc"], view)
+        else:
+            acc = torch.zeros(view.valid.shape, device=view.valid.device)
+        # a dense layer at decode holds only valid entries: no mask, no sync
+        mass = attention_mass(ctx.query, view.keys, view.valid, ctx.scaling, causal=False,
+                              all_valid=True if ctx.decode_count is not None else None)
         return acc + group_reduce(mass, view.valid.shape[1], self.gqa)
 
     def after_decode(self, scores: torch.Tensor, view: LayerView, keep: torch.Tensor, ctx: CompressionContext) -> None:
-        ctx.state["acc"] = to_rank_order(scores.masked_fill(~view.valid, 0.0), keep)
+        held = ctx.state.get("held")
+        width = min(ctx.decode_count, held) if ctx.decode_count is not None and held is not None else None
+        ctx.state["acc"] = to_rank_order(scores.masked_fill(~view.valid, 0.0), keep, view, width)

@@ -10,8 +10,8 @@ RazorAttention (Tang et al. 2024, arXiv 2407.15891).
   so when the kept fraction differs from ``ratio`` (e.g. ratio 0.02 of 6 heads keeps 1 head, 0.167).
 * The other KV heads keep their first ``sink=4`` and last ``recent=32`` real tokens of the prompt (per row, by rank,
   so left padding and other rows never matter). Tokens decoded afterwards are appended to every head.
-* Storage is real: a layer whose heads keep different counts is stored in the cache's ragged layout (full heads
-  and window heads in separate segments), and attention runs over each group and merges exactly in head order.
+* Storage is real: a layer whose heads keep different counts is stored in the cache's packed ragged layout (no
+  padding between full and window heads), and attention over it is exact, in a fixed number of ops.
 * ``scores="auto"`` (default): the head-score artifact of this model, found by its config hash in
   ``$KVCOMPRESS_CACHE/heads`` (``python -m kvcompress.heads detect model=...``; ``kvcompress.heads.ensure_scores``
   computes it on first use from the run CLI). If there is none, a warning says so and heads are scored **per
@@ -72,9 +72,9 @@ def window_probs(view: LayerView, ctx: CompressionContext, w: int = QUERY_WINDOW
     scores = (q @ keys.transpose(-1, -2)) * ctx.scaling  # (b, hq, w, n)
     n = view.keys.shape[2]
     allowed = view.valid.repeat_interleave(g, 1).unsqueeze(2).expand(b, hq, wq, n)
-    q_valid = torch.ones(b, wq, dtype=torch.bool)
+    q_valid = torch.ones(b, wq, dtype=torch.bool, device=view.valid.device)
     if n == ctx.query.shape[2]:  # the prefill buffer: entry i is prompt token i, so mask causally
-        causal = torch.ones(wq, n, dtype=torch.bool).tril(n - wq)
+        causal = torch.ones(wq, n, dtype=torch.bool, device=view.valid.device).tril(n - wq)
         allowed = allowed & causal
         q_valid = view.valid[:, 0, n - wq :]
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -149,13 +149,15 @@ class _HeadSplit(Compressor):
     def full_heads(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
         raise NotImplementedError
 
-    def _global_choice(self, ctx: CompressionContext, order: list[tuple[int, int]], b: int) -> torch.Tensor:
+    def _global_choice(self, ctx: CompressionContext, order: list[tuple[int, int]], view: LayerView) -> torch.Tensor:
+        b = view.valid.shape[0]
         total = ctx.num_layers * ctx.cache.num_kv_heads
         if "kept" not in ctx.shared:
             k = heads_to_keep(self.ratio, total)
             _say_rounding(self.name, self.ratio, k, total)
             ctx.shared["kept"] = set(order[:k])
-        full = torch.tensor([(ctx.layer_idx, h) in ctx.shared["kept"] for h in range(ctx.cache.num_kv_heads)])
+        full = torch.tensor([(ctx.layer_idx, h) in ctx.shared["kept"] for h in range(ctx.cache.num_kv_heads)],
+                            device=view.valid.device)
         return full.unsqueeze(0).expand(b, -1)
 
     def select(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
@@ -182,7 +184,7 @@ class Heads(_HeadSplit):
     def full_heads(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
         b, h = view.valid.shape[:2]
         if self.ratio >= 1.0:
-            return torch.ones(b, h, dtype=torch.bool)
+            return torch.ones(b, h, dtype=torch.bool, device=view.valid.device)
         data = resolve_scores(self, ctx)
         if data is None:
             k = heads_to_keep(self.ratio, h)
@@ -194,7 +196,7 @@ class Heads(_HeadSplit):
 
         if "order" not in ctx.shared:
             ctx.shared["order"] = kv_order(data)
-        return self._global_choice(ctx, ctx.shared["order"], b)
+        return self._global_choice(ctx, ctx.shared["order"], view)
 
 
 @register
@@ -205,9 +207,10 @@ class HeadsRandom(_HeadSplit):
     seed: int = 0
 
     def full_heads(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
-        b, h = view.valid.shape[:2]
-        if "order" not in ctx.shared:
-            draw = counter_hash(self.seed, torch.arange(ctx.num_layers).view(-1, 1), torch.arange(h).view(1, -1))
+        h = view.valid.shape[1]
+        if "order" not in ctx.shared:  # host metadata: the draw becomes a Python list right away
+            draw = counter_hash(self.seed, torch.arange(ctx.num_layers, device="cpu").view(-1, 1),
+                                torch.arange(h, device="cpu").view(1, -1))
             flat = torch.sort(draw.flatten(), descending=True, stable=True).indices.tolist()
             ctx.shared["order"] = [(i // h, i % h) for i in flat]
-        return self._global_choice(ctx, ctx.shared["order"], b)
+        return self._global_choice(ctx, ctx.shared["order"], view)

@@ -64,7 +64,7 @@ def fixed_pattern(score: str, count: int, num_layers: int, seed: int = 0) -> lis
         return list(range(num_layers - count, num_layers))
     if score == "every_k":
         return sorted({(i * num_layers) // count for i in range(count)})
-    ranks = counter_hash(seed, torch.arange(num_layers))  # "random"
+    ranks = counter_hash(seed, torch.arange(num_layers, device="cpu"))  # "random" (host: becomes a list)
     order = torch.sort(ranks, descending=True, stable=True).indices
     return sorted(order[:count].tolist())
 

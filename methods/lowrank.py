@@ -19,7 +19,8 @@ post-hoc projection, not Palu's weight decomposition.
 * The newest ``residual`` tokens stay in full precision in the append buffer (flushed in chunks of 32).
 
 Defaults: ``ratio=0.5``, ``rank=None`` (from ratio), ``residual=32``, ``calibration=None`` (built-in corpus).
-The per-layer relative Frobenius error of K and V is in ``cache.shared["lowrank"]["recon_error"]``.
+The per-layer relative Frobenius error of K and V is in ``cache.shared["lowrank"]["recon_error"]``
+when the cache is created with ``diagnostics=True`` (the run CLI does; off by default: it decodes every encoded block).
 """
 
 from __future__ import annotations
@@ -107,8 +108,12 @@ class LowRank(ResidualHidden):
         return max(1, min(dim, round(self.ratio * dim)))
 
     def encode_block(self, keys, values, rows, heads, ctx: CompressionContext) -> LowRankCodec:
-        bases = bases_for(ctx.module, self.calibration)
+        resolved = ctx.shared.setdefault("_bases", {})  # once per layer and cache: the check reads the layer's weights
+        bases = resolved.get(ctx.layer_idx)
+        if bases is None:
+            bases = resolved[ctx.layer_idx] = bases_for(ctx.module, self.calibration)
         ctx.shared["basis_bytes"] = bases.nbytes
         i = ctx.layer_idx
         rk, rv = self.rank_for(keys.shape[-1]), self.rank_for(values.shape[-1])
-        return LowRankCodec(keys, values, bases.keys[i], bases.values[i], heads, rk, rv)
+        k_bases, v_bases = bases.layer(i, keys.device)  # the artifact stays on the CPU; one cached copy per device
+        return LowRankCodec(keys, values, k_bases, v_bases, heads, rk, rv)

@@ -48,7 +48,7 @@ def merge_evicted(view: LayerView, keep: torch.Tensor, threshold: float, chunk: 
     unit = keys / torch.linalg.vector_norm(keys, dim=-1, keepdim=True).clamp(min=1e-12)
     b, h, n, _ = keys.shape
     num_k, num_v = torch.zeros_like(keys), torch.zeros_like(values)
-    den = torch.zeros(b, h, n)
+    den = torch.zeros(b, h, n, device=keys.device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         sim = unit[:, :, start:stop] @ unit.transpose(-1, -2)  # (b, h, c, n)

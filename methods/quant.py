@@ -20,7 +20,8 @@ Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICM
   concatenated along tokens), so the per-step cost does not grow with the number of flushes.
 
 Defaults: ``bits=4``, ``group=32``, ``residual=128`` (KIVI's G=32, R=128). ``bits`` ∈ {2, 4, 8}.
-The per-layer relative Frobenius error of the encoded K and V is in ``cache.shared["quant"]["recon_error"]``.
+The per-layer relative Frobenius error of the encoded K and V is in ``cache.shared["quant"]["recon_error"]``
+when the cache is created with ``diagnostics=True`` (the run CLI does; off by default: it decodes every encoded block).
 """
 
 from __future__ import annotations

@@ -36,6 +36,6 @@ class Random(Compressor):
     seed: int = 0
 
     def select(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
-        heads = torch.arange(view.valid.shape[1]).view(1, -1, 1)
+        heads = torch.arange(view.valid.shape[1], device=view.valid.device).view(1, -1, 1)
         scores = counter_hash(self.seed, ctx.layer_idx, heads, view.rank())
         return topk_mask(scores, kept_counts(view.counts, self.ratio, self.budget), view.valid)

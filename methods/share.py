@@ -26,7 +26,7 @@ prefill has run (then the merge happens), so the prefill peak is the uncompresse
 Pairing is by index within each stored block: both layers of a pair must hold the same positions. That is so for an
 uncompressed prefill and for position-uniform selections (e.g. ``streaming``); blocks whose (rows, heads, count) —
 or, with ``trace=True``, positions — differ between the two layers are left unmerged (the row then counts their
-full size). The prefill saving is memory-only: every layer's K/V is computed during the prefill
+full size), as are the blocks of two layers placed on different devices (``model.device_map``). The prefill saving is memory-only: every layer's K/V is computed during the prefill
 (``cache.shared["share"]["prefill_saving"]``); ``merged_pairs`` lists the merged layer pairs.
 """
 
@@ -210,6 +210,8 @@ class Share(HiddenCompressor):
 
 def _same_block(a: ShareCodec, b: ShareCodec) -> bool:
     if a.keys is None or a.keys.shape != b.keys.shape or a.values.shape != b.values.shape:
+        return False
+    if a.keys.device != b.keys.device:  # layers placed on different devices: one shared direction cannot serve both
         return False
     (ra, ha, pa), (rb, hb, pb) = a.block, b.block
     if not (torch.equal(ra, rb) and torch.equal(ha, hb)):

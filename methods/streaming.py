@@ -39,6 +39,7 @@ from kvcompress.compressor import (
     sink_and_recent_mask,
 )
 from kvcompress.errors import KVCompressError, check_non_negative_int, unknown_choice
+from kvcompress.scoring import uniform_value
 
 
 @register
@@ -71,6 +72,8 @@ class Streaming(Compressor):
             kept = ctx.state.get("kept")
             if kept is None:  # the prefill kept everything; hold that size from now on
                 kept = ctx.state["kept"] = n - 1
+                if ctx.decode_count is not None:
+                    ctx.state["held"] = ctx.decode_count - 1
             return sink_and_recent_mask(view, self.sink, torch.minimum(kept, n))
         if self.window is not None:
             self.check_window(n)
@@ -81,7 +84,11 @@ class Streaming(Compressor):
             # the size to hold while generating (counted as cache metadata): fixed, or the prefill size with a ratio
             fixed = self.sink + self.window if self.window is not None else self.budget
             ctx.state["kept"] = kept if fixed is None else torch.full_like(kept, max(fixed, self.sink))
+            ctx.state["held"] = uniform_value(ctx.state["kept"])  # host int when every (row, head) holds the same
         return sink_and_recent_mask(view, self.sink, kept)
+
+    def decode_target(self, ctx: CompressionContext) -> int | None:
+        return ctx.state.get("held")
 
     def check_window(self, counts: torch.Tensor) -> None:
         """Reject a window larger than any row's context (``counts``: entries per (row, KV head))."""

@@ -22,7 +22,8 @@ Choices (stated, since the paper leaves them open or differs):
 * The newest ``residual`` tokens stay whole in the append buffer (flushed in chunks of 32); ``residual=32``.
 
 Defaults: ``ratio=0.5`` (ThinK's 50% channel pruning), ``window=32`` (SnapKV's observation window), ``residual=32``.
-The per-layer relative Frobenius error of the pruned K (V is exact) is in ``cache.shared["think"]["recon_error"]``.
+The per-layer relative Frobenius error of the pruned K (V is exact) is in ``cache.shared["think"]["recon_error"]``
+when the cache is created with ``diagnostics=True`` (the run CLI does; off by default: it decodes every encoded block).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class Think(ResidualHidden):
         if tok_valid.shape[1] == ctx.query.shape[2]:
             q_valid = tok_valid[:, -w:]
         else:
-            q_valid = torch.ones(query.shape[0], w, dtype=torch.bool)
+            q_valid = torch.ones(query.shape[0], w, dtype=torch.bool, device=query.device)
         scores = channel_scores(view.keys, view.valid, query, q_valid, ctx.num_kv_groups)
         ctx.state["channels"] = pair_choice(scores, self.kept_pairs(view.keys.shape[-1])).to(torch.int16)
 
@@ -135,8 +136,9 @@ class Think(ResidualHidden):
             b, h = ctx.cache.layers[ctx.layer_idx].keys.shape[:2]
             w = min(self.window, ctx.query.shape[2])
             k = keys.new_zeros((b, h, keys.shape[1], keys.shape[2]))
-            valid = torch.zeros(b, h, keys.shape[1], dtype=torch.bool)
+            valid = torch.zeros(b, h, keys.shape[1], dtype=torch.bool, device=keys.device)
             k[rows, heads], valid[rows, heads] = keys, True
-            scores = channel_scores(k, valid, ctx.query[:, :, -w:], torch.ones(b, w, dtype=torch.bool), ctx.num_kv_groups)
+            scores = channel_scores(k, valid, ctx.query[:, :, -w:], torch.ones(b, w, dtype=torch.bool, device=keys.device),
+                                    ctx.num_kv_groups)
             chosen = ctx.state["channels"] = pair_choice(scores, self.kept_pairs(keys.shape[-1])).to(torch.int16)
         return PrunedKeyCodec(keys, values, chosen[rows, heads])

@@ -11,8 +11,8 @@ Defaults and choices:
 * ``sink=0``, ``window=0`` as in the paper (kvpress's ``TOVAPress`` always keeps the last token: ``window=1``).
 * ``phase="prefill"`` compresses once (kvpress). ``phase="decode"`` is the paper's fixed-size cache: each decode
   step scores every entry with the new query and evicts the lowest one, holding every (row, head) at its size after
-  the prefill (or ``budget``: a shorter prompt grows to it first). Each eviction re-stores the layer: an O(cache)
-  copy per step and layer, which a static-slot cache would avoid.
+  the prefill (or ``budget``: a shorter prompt grows to it first). On a dense layer the eviction is in place (the
+  newest entry takes the evicted slot: no copy of the layer); a ragged layer is re-stored at each eviction.
 * ``allocation="adakv"`` is accepted but degenerate (all heads share the scores).
 """
 
@@ -35,7 +35,9 @@ class TOVA(ScoredTokenCompressor):
     phase: str = "prefill"
 
     def _last_query_scores(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
-        probs = attention_mass(ctx.query[:, :, -1:], view.keys, view.valid, ctx.scaling, causal=True)
+        dense = ctx.phase == "decode" and ctx.decode_count is not None  # a dense layer: every entry valid, no sync
+        probs = attention_mass(ctx.query[:, :, -1:], view.keys, view.valid, ctx.scaling, causal=True,
+                               all_valid=True if dense else None)
         return probs.mean(1, keepdim=True).expand(-1, view.valid.shape[1], -1)
 
     def score(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:

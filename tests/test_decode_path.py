@@ -39,11 +39,16 @@ UNIFORM = [
 RAGGED = [("adaptive_heads", {}), ("heads", {}), ("snapkv", {"allocation": "adakv"}), ("pyramidkv", {})]
 
 
+def _names(variants: list[tuple[str, dict]]) -> list[str]:
+    return [m + "".join(f"-{k}={v}" for k, v in p.items()) for m, p in variants]
+
+
 def _ratio(method: str) -> float | None:
     return 0.3 if "ratio" in get_method(method).__dataclass_fields__ else None
 
 
-def _decode_syncs(method: str | None, params: dict, ids: torch.Tensor, mask: torch.Tensor | None = None, steps: int = 3):
+def _decode_syncs(method: str | None, params: dict, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                  steps: int = 3) -> list[list[tuple[str, str]]]:
     """Syncs recorded in each of ``steps`` decode forwards after a prefill, on the virtual device (``method`` None:
     the stock ``DynamicCache``)."""
     from transformers import DynamicCache
@@ -59,7 +64,8 @@ def _decode_syncs(method: str | None, params: dict, ids: torch.Tensor, mask: tor
         token = torch.full((ids.shape[0], 1), 5, device=VIRTUAL)
         for step in range(steps):
             if mask is not None:
-                extra = {"attention_mask": torch.cat([mask, torch.ones(ids.shape[0], step + 1, dtype=mask.dtype)], 1).to(VIRTUAL)}
+                grown = torch.cat([mask, torch.ones(ids.shape[0], step + 1, dtype=mask.dtype)], 1)
+                extra = {"attention_mask": grown.to(VIRTUAL)}
             with dev.counting() as syncs:
                 model(token, **cache_arg(cache), **extra)
             per_step.append(list(syncs))
@@ -70,13 +76,13 @@ def test_dynamic_cache_decode_step_has_no_sync() -> None:
     assert _decode_syncs(None, {}, prompts((40,))[0].view(1, -1)) == [[], [], []]
 
 
-@pytest.mark.parametrize("method,params", UNIFORM, ids=[m + "".join(f"-{k}={v}" for k, v in p.items()) for m, p in UNIFORM])
+@pytest.mark.parametrize("method,params", UNIFORM, ids=_names(UNIFORM))
 def test_no_sync_on_a_uniform_decode_step(method: str, params: dict) -> None:
     ids = prompts((64,))[0].view(1, -1)
     assert _decode_syncs(method, params, ids) == [[], [], []]
 
 
-@pytest.mark.parametrize("method,params", RAGGED, ids=[m + "".join(f"-{k}={v}" for k, v in p.items()) for m, p in RAGGED])
+@pytest.mark.parametrize("method,params", RAGGED, ids=_names(RAGGED))
 def test_no_sync_on_a_ragged_decode_step(method: str, params: dict) -> None:
     """A left-padded batch of three rows of different lengths: per-row (and per-head) counts differ. The model's own
     mask code reads the attention mask once per step (transformers' ``masking_utils``, with DynamicCache too): no
@@ -145,9 +151,12 @@ def test_decode_step_ops_do_not_grow_with_batch_rows(method: str) -> None:
     assert totals[0] == totals[1]
 
 
-@pytest.mark.parametrize("method,params", [("streaming", {"phase": "decode"}), ("h2o", {"phase": "decode"}),
-                                           ("tova", {"phase": "decode"}), ("snapkv", {"phase": "decode", "interval": 3}),
-                                           ("h2o", {"phase": "decode", "budget": 20}), ("tova", {"phase": "decode", "sink": 2})])
+EVICTING = [("streaming", {"phase": "decode"}), ("h2o", {"phase": "decode"}), ("tova", {"phase": "decode"}),
+            ("snapkv", {"phase": "decode", "interval": 3}), ("h2o", {"phase": "decode", "budget": 20}),
+            ("tova", {"phase": "decode", "sink": 2})]
+
+
+@pytest.mark.parametrize("method,params", EVICTING, ids=_names(EVICTING))
 def test_in_place_eviction_keeps_what_re_storing_keeps(method: str, params: dict, monkeypatch) -> None:
     """Decode-time eviction in place (slots reused, order by positions) keeps exactly the positions and generates
     exactly the tokens of the re-select-and-re-store path, step after step."""
@@ -176,3 +185,25 @@ def test_in_place_eviction_keeps_what_re_storing_keeps(method: str, params: dict
     assert tokens == tokens_ref
     assert kept == kept_ref
     assert cache.kept_bytes() == cache_ref.kept_bytes()
+
+
+@pytest.mark.parametrize("method", ["h2o", "tova", "streaming"])
+def test_rows_growing_to_a_budget_then_evicting_match_their_runs_alone(method: str) -> None:
+    """Every row shorter than the budget: nothing is dropped at the prefill (the layer keeps its left padding), rows
+    reach the budget at different steps; alone, a row is unpadded and evicts in place. Same tokens either way."""
+    model = tiny_model("llama")
+    rows = prompts((37, 23))
+    ids, mask = left_pad(rows)
+
+    def generate(ids, mask):
+        cache = kvcompress.compress(model, method, budget=40, phase="decode")
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, **cache_arg(cache))
+        return out[:, ids.shape[1]:].tolist(), cache
+
+    batched, cache = generate(ids, mask)
+    assert all(max(row) <= 40 for layer in cache.kept_tokens() for row in [layer])
+    for i, row in enumerate(rows):
+        alone, alone_cache = generate(row.view(1, -1), torch.ones(1, len(row), dtype=torch.long))
+        assert alone[0] == batched[i]
+    assert not alone_cache.layers[0].slots_ordered  # the unpadded row evicted in place

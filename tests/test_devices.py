@@ -79,7 +79,8 @@ def test_dynamic_cache_runs_on_the_probe() -> None:
     assert torch.equal(to_cpu(out), reference)
 
 
-@pytest.mark.parametrize("method,params", VARIANTS, ids=[m + "".join(f"-{k}={v}" for k, v in p.items()) for m, p in VARIANTS])
+@pytest.mark.parametrize("method,params", VARIANTS, ids=[m + "".join(f"-{k}={v}" for k, v in p.items())
+                                                         for m, p in VARIANTS])
 def test_method_on_a_second_device(method: str, params: dict) -> None:
     """Prefill + decode of a left-padded batch on the virtual device: no cross-device op anywhere, the same tokens as
     on the CPU, and every accounting call works."""
@@ -105,8 +106,9 @@ def test_method_on_a_second_device(method: str, params: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Static check: tensor factories name their device
 
-FACTORIES = {"zeros", "ones", "full", "empty", "arange", "tensor", "as_tensor", "asarray", "rand", "randn", "randint",
-             "randperm", "eye", "linspace", "logspace", "scalar_tensor", "tril_indices", "triu_indices", "empty_strided"}
+FACTORIES = {"zeros", "ones", "full", "empty", "arange", "tensor", "as_tensor", "asarray", "rand", "randn",
+             "randint", "randperm", "eye", "linspace", "logspace", "scalar_tensor", "tril_indices", "triu_indices",
+             "empty_strided"}
 #: the cache, the methods, scoring, the codecs, the accounting and the evaluations
 CHECKED = ["kvcompress/cache.py", "kvcompress/compressor.py", "kvcompress/scoring.py", "kvcompress/quantize.py",
            "kvcompress/lowrank.py", "kvcompress/api.py", "kvcompress/heads", "methods", "eval"]
@@ -124,7 +126,8 @@ def _factory_calls_without_device(path: Path) -> list[str]:
 
 
 def test_every_tensor_factory_names_its_device() -> None:
-    files = [p for entry in CHECKED for p in ((ROOT / entry).rglob("*.py") if (ROOT / entry).is_dir() else [ROOT / entry])]
+    files = [p for entry in CHECKED
+             for p in ((ROOT / entry).rglob("*.py") if (ROOT / entry).is_dir() else [ROOT / entry])]
     offenders = [hit for path in files for hit in _factory_calls_without_device(path)]
     assert not offenders, "tensor factories without device= (use the data's device, or device='cpu' for host-only "\
         "metadata):\n" + "\n".join(offenders)
@@ -154,3 +157,62 @@ def test_op_counter_counts() -> None:
 def test_cross_device_error_names_the_op() -> None:
     with virtual_device(), pytest.raises(CrossDeviceError, match="aten.add.Tensor"):
         torch.ones(2, device=VIRTUAL) + torch.ones(2)
+
+
+def _place(module: torch.nn.Module, device: torch.device) -> None:
+    """Put ``module`` on ``device`` and move its inputs there (what accelerate's hooks do for a ``device_map``)."""
+    from torch.utils._pytree import tree_map
+
+    module.to(device)
+    move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    module.register_forward_pre_hook(lambda m, args, kwargs: (tree_map(move, args), tree_map(move, kwargs)),
+                                     with_kwargs=True)
+
+
+@pytest.mark.parametrize("method,params", [("full", {}), ("snapkv", {}), ("adaptive_heads", {}), ("quant", {}),
+                                           ("h2o", {"phase": "decode"}), ("layers", {}), ("heads", {}),
+                                           ("share", {"start": 0})])
+def test_model_split_across_devices_keeps_each_layer_cache_on_its_device(method: str, params: dict) -> None:
+    """Layer 0 on the CPU, layer 1 (and the head) on the second device: each layer's cache lives on its layer's
+    device; cross-layer methods (``layers``, ``heads``) decide across them; ``share`` does not merge a pair split
+    across devices (one shared direction cannot serve both)."""
+    model = copy.deepcopy(tiny_model("llama"))
+    ids, mask = left_pad(prompts())
+    reference, _ = _generate(model, ids, mask, method, params)
+    with virtual_device():
+        for module in (model.model.layers[1], model.model.norm, model.lm_head):
+            _place(module, VIRTUAL)
+        out, cache = _generate(model, ids, mask, method, params)
+        report = cache.memory_report()
+    assert [layer.keys.device.type for layer in cache.layers] == ["cpu", VIRTUAL.type]
+    assert report["kept_bytes"] > 0
+    if method == "share":
+        assert "merged_pairs" not in cache.shared["share"]
+    else:
+        assert torch.equal(to_cpu(out), reference)
+
+
+@pytest.mark.parametrize("evaluation,overrides", [("needle", {"lengths": [256], "depths": [0.5]}),
+                                                  ("fidelity", {"samples": 1, "context": 96, "new_tokens": 4})])
+def test_evaluations_run_on_a_second_device(evaluation: str, overrides: dict) -> None:
+    """The evaluation loops put their inputs on the model's device: the same scores as on the CPU."""
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    from kvcompress.models import load_model
+
+    loaded = load_model(OmegaConf.load(ROOT / "configs/model/testbed.yaml"), None, "cpu")
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / f"configs/eval/{evaluation}.yaml"), overrides)
+    module = importlib.import_module(f"kvcompress.eval.{evaluation}")
+
+    def score(model):
+        out = module.run(model, lambda: kvcompress.compress(model, "snapkv", ratio=0.3), cfg, seed=0,
+                         tokenizer=loaded.tokenizer)
+        out.pop("_cache", None)
+        return out
+
+    reference = score(loaded.model)
+    with virtual_device():
+        result = score(copy.deepcopy(loaded.model).to(VIRTUAL))
+    assert result == reference

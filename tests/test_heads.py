@@ -14,6 +14,7 @@ from reference import masked_reference_logits
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import kvcompress
+from kvcompress.ragged import index_bytes
 from kvcompress.compat import cache_arg
 from kvcompress.errors import KVCompressError
 from kvcompress.heads import __main__ as heads_cli
@@ -209,8 +210,8 @@ def test_heads_bytes_are_analytic_and_logits_match_masked_reference(cache_root) 
         cache = kvcompress.compress(model, "heads", ratio=0.25, sink=sink, recent=recent)
         with torch.no_grad():
             out = model(prompt, **cache_arg(cache))
-    # full heads x context + window heads x window, keys and values, fp32, + the ragged segments' (row, head) index
-    analytic = 2 * ((1 * s + 3 * (sink + recent)) * head_dim * 2 * 4 + 4 * 2 * 8)
+    # full heads x context + window heads x window, keys and values, fp32, + the ragged layout's index metadata
+    analytic = 2 * ((1 * s + 3 * (sink + recent)) * head_dim * 2 * 4 + index_bytes((s, *[sink + recent] * 3)))
     assert cache.kept_bytes() == analytic
     assert cache.kept_tokens() == [[80.0, 36.0, 36.0, 36.0]] * 2
     logits, tokens = [out.logits[0, -1]], []
@@ -256,8 +257,8 @@ def test_adaptive_heads_distributes_layer_budget_with_floor(cache_root) -> None:
     assert sum(kept[0]) == sum(kept[1]) == 4 * 20  # the layer total is the uniform budget
     assert kept[0][1] == max(kept[0]) and min(kept[0]) >= 4  # best head gets most, floor 0.2 * 20
     assert kept[1][2] == max(kept[1])
-    # bytes are real: ragged segments hold exactly the kept tokens
-    per_layer_index = [4 * 2 * 8 if len(set(row)) > 1 else 0 for row in kept]
+    # bytes are real: the ragged layout holds exactly the kept tokens (+ its index metadata)
+    per_layer_index = [index_bytes([int(c) for c in row]) if len(set(row)) > 1 else 0 for row in kept]
     assert cache.kept_bytes() == sum(kept[0] + kept[1]) * 16 * 2 * 4 + sum(per_layer_index)
 
 

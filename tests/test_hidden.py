@@ -75,7 +75,7 @@ def test_quant_kept_bytes_match_the_analytic_formula() -> None:
     cfg = model.config
     n_prompt = 300
     ids = prompts((n_prompt,))[0].view(1, -1)
-    cache = kvcompress.compress(model, "quant", bits=4, group=32, residual=128)
+    cache = kvcompress.compress(model, "quant", bits=4, group=32, residual=128, diagnostics=True)
     with torch.no_grad():
         model(ids, **cache_arg(cache))
     d, pairs, elem, G = cfg.head_dim, cfg.num_key_value_heads, 4, 32
@@ -225,7 +225,7 @@ def test_lowrank_stores_r_dim_coefficients_and_error_falls_with_rank() -> None:
     assert lr.artifact_path(model.config, None, False).is_file()
     errors, sizes = [], []
     for rank in (4, 8, 16, 32, 64):
-        cache = kvcompress.compress(model, "lowrank", rank=rank, residual=0)
+        cache = kvcompress.compress(model, "lowrank", rank=rank, residual=0, diagnostics=True)
         with torch.no_grad():
             model(ids, **cache_arg(cache))
         codec = cache.layers[0].segments[0].codec
@@ -260,7 +260,7 @@ def test_think_ratio_one_reproduces_the_full_cache_and_half_prunes_key_pairs() -
     out = _generate(model, ids, kvcompress.compress(model, "think", ratio=1.0), steps=40)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
-    cache = kvcompress.compress(model, "think", ratio=0.5)
+    cache = kvcompress.compress(model, "think", ratio=0.5, diagnostics=True)
     _generate(model, ids, cache, steps=40)
     d = model.config.head_dim
     for layer in cache.layers:
@@ -310,7 +310,7 @@ def test_lowrank_error_falls_with_rank_on_the_testbed() -> None:
     ids = tokenizer(corpus_text()[20000:24000], return_tensors="pt")["input_ids"][:, :512]
     errors = []
     for ratio in (0.125, 0.25, 0.5, 0.75, 1.0):
-        cache = kvcompress.compress(model, "lowrank", ratio=ratio, residual=0)
+        cache = kvcompress.compress(model, "lowrank", ratio=ratio, residual=0, diagnostics=True)
         with torch.no_grad():
             model(ids, **cache_arg(cache))
         errors.append(cache.shared["lowrank"]["recon_error"])

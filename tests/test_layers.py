@@ -14,6 +14,7 @@ from tiny_models import _COMMON, ARCHITECTURES, left_pad, prompts, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import kvcompress
+from kvcompress.ragged import index_bytes
 from kvcompress.compat import cache_arg
 from kvcompress.compressor import available_methods
 from kvcompress.errors import KVCompressError
@@ -356,14 +357,14 @@ def test_layers_compose_with_the_head_axis_bytes_are_analytic() -> None:
 
 def _quant_block_bytes(pairs: int, count: int, d: int, bits: int, group: int) -> int:
     """KIVI layout (methods/quant.py) with residual=0: whole groups of `group` tokens quantized (keys per channel
-    over token groups, values per token over channel groups, fp16 scale + minimum), the remainder kept in fp32 in
-    a segment of its own; each segment carries its row/head index (int64)."""
+    over token groups, values per token over channel groups, fp16 scale + minimum) in an encoded segment carrying its
+    row/head index (int64); the remainder (< group tokens per pair) stays in fp32 (its index metadata, when the
+    layer is ragged, is added by the caller: kvcompress.ragged.index_bytes)."""
     n = count // group * group
     keys = pairs * n * d * bits // 8 + pairs * (n // group) * d * 2 * 2
     values = pairs * n * d * bits // 8 + pairs * n * math.ceil(d / group) * 2 * 2
     tail = pairs * (count - n) * d * 2 * FP32
-    segments = (n > 0) + (count > n)
-    return keys + values + tail + segments * 2 * 8 * pairs
+    return keys + values + tail + (n > 0) * 2 * 8 * pairs
 
 
 def test_layers_heads_snapkv_quant_end_to_end_bytes_are_the_product_of_the_axes() -> None:
@@ -391,7 +392,9 @@ def test_layers_heads_snapkv_quant_end_to_end_bytes_are_the_product_of_the_axes(
     d = cfg.head_dim
     heads = next(c for c in cache.compressors if c.name == "heads")
     window_head = min(n, heads.sink + heads.recent)
-    kept_layer = _quant_block_bytes(1, round(0.5 * n), d, bits, group) + _quant_block_bytes(1, round(0.5 * window_head), d, bits, group)
+    full_head, windowed = round(0.5 * n), round(0.5 * window_head)
+    kept_layer = (_quant_block_bytes(1, full_head, d, bits, group) + _quant_block_bytes(1, windowed, d, bits, group)
+                  + index_bytes((full_head % group, windowed % group)))  # fp32 remainders of unequal counts: ragged
     dropped_layer = _quant_block_bytes(cfg.num_key_value_heads, round(0.5 * (sink + window)), d, bits, group)
     assert [layer.kept_bytes() for layer in cache.layers] == [kept_layer] * 2 + [dropped_layer] * 2
     assert cache.kept_bytes() == 2 * kept_layer + 2 * dropped_layer

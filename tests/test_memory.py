@@ -9,7 +9,10 @@ import torch
 from tiny_models import left_pad, prompts, tiny_model
 
 import kvcompress
-from kvcompress.cache import KVCompressLayer, Segment, _merged_attention
+from kvcompress.attention import merged_attention
+from kvcompress.cache import KVCompressLayer
+from kvcompress.ragged import Ragged
+from kvcompress.ragged import index_bytes as index_bytes_of
 from kvcompress.compat import cache_arg
 from kvcompress.compressor import get_method
 
@@ -65,11 +68,12 @@ def test_ragged_batch_bytes_are_exact() -> None:
     kept = [round(0.5 * len(r)) for r in rows]  # 18 (round half to even), 32, 12: rows differ, so storage is ragged
     assert kept == [18, 32, 12]
     per_token = cfg.num_key_value_heads * cfg.head_dim * 2 * 4
-    index_bytes = sum(t.numel() * 8 for layer in cache.layers for s in layer.segments for t in (s.rows, s.heads))
+    # the ragged layout's index metadata: one int32 per page, per tail entry and two per (row, head) pair
+    index_bytes = cfg.num_hidden_layers * index_bytes_of([c for c in kept for _ in range(cfg.num_key_value_heads)])
     analytic = sum(kept) * cfg.num_hidden_layers * per_token + index_bytes
     report = cache.memory_report()
     assert report["kept_bytes"] == analytic == _reachable_tensor_bytes(cache)
-    assert all(layer.segments for layer in cache.layers)
+    assert all(layer.ragged is not None for layer in cache.layers)
     # Decoding appends into spare capacity; resident bytes include that headroom, kept bytes do not.
     with torch.no_grad():
         model(torch.tensor([[5], [6], [7]]), **cache_arg(cache))
@@ -89,11 +93,11 @@ def test_merged_attention_over_ragged_segments_is_exact() -> None:
     from kvcompress.compressor import LayerView
 
     layer.store(LayerView(keys, values, keep))
-    assert layer.segments and layer.length == 0
+    assert layer.ragged is not None and layer.length == 0
     new_k, new_v = torch.randn(b, h, 3, d), torch.randn(b, h, 3, d)
     layer._append(new_k, new_v)
     query = torch.randn(b, h * g, 3, d)
-    ours = _merged_attention(query, layer.segments, layer.keys[:, :, :3], layer.values[:, :, :3], torch.ones(3, 3).tril().bool(), 0.5)
+    ours = merged_attention(query, layer, torch.ones(3, 3).tril().bool(), 0.5)
     # Reference: dense masked attention over [all old entries | new ones] with repeat_kv.
     all_k = torch.cat([keys, new_k], 2).repeat_interleave(g, 1)
     all_v = torch.cat([values, new_v], 2).repeat_interleave(g, 1)
@@ -102,7 +106,7 @@ def test_merged_attention_over_ragged_segments_is_exact() -> None:
         query, all_k, all_v, attn_mask=allowed.repeat_interleave(g, 1), scale=0.5
     ).transpose(1, 2)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
-    assert isinstance(layer.segments[0], Segment) and dataclasses.is_dataclass(layer.segments[0])
+    assert isinstance(layer.ragged, Ragged) and dataclasses.is_dataclass(layer.ragged)
 
 
 @pytest.mark.parametrize("method", kvcompress.available_methods())

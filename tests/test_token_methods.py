@@ -24,6 +24,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 import kvcompress
+from kvcompress.ragged import index_bytes
 from kvcompress import KVCompressError
 from kvcompress.compat import cache_arg
 from kvcompress.compressor import CompressionContext, LayerView, make_compressor
@@ -434,9 +435,10 @@ def test_kept_bytes_exact_for_ragged_adakv_budgets() -> None:
     ragged = False
     for layer in cache.layers:
         per_pair = layer.kept_tokens()  # (batch, kv_heads) real tokens held
-        ragged |= bool(layer.segments)
+        ragged |= layer.ragged is not None
         expected += int(per_pair.sum()) * 2 * 16 * elem  # keys + values, head_dim 16, fp32
-        expected += sum(s.rows.numel() * 8 + s.heads.numel() * 8 for s in layer.segments)  # ragged index metadata
+        if layer.ragged is not None:  # ragged index metadata: an int32 per page, per tail entry, two per pair
+            expected += index_bytes([int(c) for c in per_pair.flatten().tolist()])
     assert ragged, "adakv should give heads different counts"
     assert cache.kept_bytes() == expected
     assert cache.kept_bytes() < cache.dense_bytes()
@@ -459,6 +461,66 @@ def test_decode_phase_holds_the_budget_and_rows_stay_independent(method, kw) -> 
             assert tokens <= 12 + slack
     # the short row (8 tokens) grew to the budget instead of evicting below it
     assert all(int(t) == 12 or method == "snapkv" for t in batch_cache.layers[0].kept_tokens()[1].tolist())
+
+
+def test_snapkv_decode_rescoring_when_fewer_entries_than_the_window() -> None:
+    """Regression: ratio 0.3 of a 37-token prompt keeps 11 entries per head, fewer than the 32 window queries kept for
+    re-scoring. Re-scoring used to assume the window queries were the layer's last 32 entries and crashed; it now
+    uses only the queries whose tokens are the newest held entries, each seeing nothing newer than itself."""
+    model = tiny_model("llama")
+    rows = prompts((37, 8, 23))
+    steps = 9
+    cache = kvcompress.compress(model, "snapkv", ratio=0.3, phase="decode", interval=2)
+    batched = _generate(model, rows, cache, steps=steps)
+    prefill = [max(1, round(0.3 * len(r))) for r in rows]  # 11, 2, 7: all below window=32
+    assert all(k < 32 for k in prefill)
+    for layer in cache.layers:
+        held = layer.kept_tokens()  # (batch, kv_heads)
+        for i, k in enumerate(prefill):
+            assert ((held[i] >= k) & (held[i] <= k + 1)).all(), (held[i], k)  # prefill size + at most interval − 1
+        fresh = layer.state["snapkv"]["fresh"]
+        assert (fresh <= held.long()).all()
+    for i, row in enumerate(rows):  # rows stay independent
+        alone = _generate(model, [row], kvcompress.compress(model, "snapkv", ratio=0.3, phase="decode", interval=2),
+                          steps=steps)
+        assert batched[i][: len(alone[0])] == alone[0]  # (alone, generation stops at EOS)
+
+
+def test_snapkv_decode_rescoring_is_causal_among_held_entries() -> None:
+    """At a re-scoring each usable window query sees only the entries held for its (row, head) that are not newer
+    than its own token: the mass equals a direct per-query softmax over exactly those entries."""
+    from kvcompress.methods.snapkv import SnapKV
+
+    view, query = _batch((37, 51, 9))
+    # a ragged decode-time layer: (row, head) pairs hold different counts, filler at the end of the rectangle
+    b, h, n = view.valid.shape
+    keep = torch.zeros_like(view.valid)
+    counts = torch.tensor([[13, 11], [20, 6], [9, 4]])
+    for i in range(b):
+        for j in range(h):
+            keep[i, j, : counts[i, j]] = True
+    held = LayerView(view.keys, view.values, keep)
+    m = 5
+    q = query[:, :, -m:]
+    qv = torch.ones(b, m, dtype=torch.bool)
+    qv[2, 0] = False
+    fresh = torch.tensor([[5, 3], [2, 5], [5, 1]])
+    comp = SnapKV(window=m, interval=1, phase="decode", pooling="none")
+    mass = comp._decode_mass(held, _ctx(held, q), q, qv, fresh)
+    scaling = D ** -0.5
+    for i in range(b):
+        for j in range(h):
+            c = int(counts[i, j])
+            for hq in range(j * G, (j + 1) * G):
+                expected = torch.zeros(n)
+                for k in range(m):
+                    age = m - 1 - k
+                    if age >= int(fresh[i, j]) or not qv[i, k]:
+                        continue
+                    own = c - 1 - age  # the query's own entry (rank = slot here: entries start at slot 0)
+                    logits = (view.keys[i, j, : own + 1] @ q[i, hq, k]) * scaling
+                    expected[: own + 1] += torch.softmax(logits, -1)
+                torch.testing.assert_close(mass[i, hq], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_question_agnostic_helper_appends_uncompressed() -> None:

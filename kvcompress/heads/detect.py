@@ -30,8 +30,10 @@ def _probe(model, input_ids: torch.Tensor, new_tokens: int, span: tuple[int, int
     cache = kvcompress.compress(model, "full")
     text = _text_config(model)
     n_layers, n_heads = text.num_hidden_layers, text.num_attention_heads
-    step_top = torch.zeros(n_layers, n_heads, dtype=torch.long)
-    step_mass = torch.zeros(n_layers, n_heads)
+    device = next(model.parameters()).device
+    # filled by the observer from the attention probabilities: on their device (no copy to the host per layer)
+    step_top = torch.zeros(n_layers, n_heads, dtype=torch.long, device=device)
+    step_mass = torch.zeros(n_layers, n_heads, device=device)
     a, b = span
 
     def observer(layer_idx: int, probs: torch.Tensor, view) -> None:
@@ -39,7 +41,6 @@ def _probe(model, input_ids: torch.Tensor, new_tokens: int, span: tuple[int, int
         step_top[layer_idx] = p.argmax(-1)
         step_mass[layer_idx] = p[:, a:b].sum(-1)
 
-    device = next(model.parameters()).device
     ids = input_ids.view(1, -1).to(device)
     model(ids[:, :-1], **cache_arg(cache), use_cache=True)
     cache.observers.append(observer)
@@ -81,8 +82,10 @@ def detect(
         tokenizer, list(lengths), list(depths), template=template, num_distractors=num_distractors, seed=seed,
         num_samples=samples,
     )
-    retrieval = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    mass = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    device = next(model.parameters()).device
+    # accumulated on the model's device (the probe's statistics live there); read back once at the end
+    retrieval = torch.zeros(n_layers, n_heads, dtype=torch.float64, device=device)
+    mass = torch.zeros(n_layers, n_heads, dtype=torch.float64, device=device)
     correct = 0
     started = time.perf_counter()
     iterator: Any = probes
@@ -93,7 +96,7 @@ def detect(
     was_training = model.training
     model.eval()
     for s in iterator:
-        ids = torch.tensor(tokenizer(s.prompt)["input_ids"])
+        ids = torch.tensor(tokenizer(s.prompt)["input_ids"], device=device)
         answer_ids = tokenizer(" " + s.answer, add_special_tokens=False)["input_ids"]
         n_answer = max(1, len(answer_ids))
         steps = max(1, s.max_new_tokens - 1)
@@ -106,7 +109,7 @@ def detect(
         if ok:
             correct += 1
             top = top[:n_answer]
-            gen_t = torch.tensor(gen[:n_answer]).view(-1, 1, 1)
+            gen_t = torch.tensor(gen[:n_answer], device=device).view(-1, 1, 1)
             inside = (top >= a) & (top < b)  # the needle lies in the prompt, so top indexes prompt tokens here
             holds = ids[top.clamp(max=len(ids) - 1)] == gen_t
             copies = (inside & holds).sum(0).double()
@@ -122,7 +125,7 @@ def detect(
     primary = "retrieval" if correct > 0 and bool((retrieval > 0).any()) else "mass"
 
     def rnd(t: torch.Tensor) -> list:
-        return [[round(float(v), 6) for v in row] for row in t]
+        return [[round(float(v), 6) for v in row] for row in t.tolist()]  # one read-back per table
 
     return {
         "format": FORMAT,
