@@ -2,7 +2,7 @@
 
     python benchmarks/heads_needle.py [--lengths 1024 2048] [--depths 0.1 0.3 0.5 0.7 0.9] [--seeds 5]
 
-Detects the testbed's retrieval heads first if no score artifact exists (``kvcompress.heads.ensure_scores``), then
+Detects the testbed's retrieval heads first if no score artifact exists (``kvcompress.methods.head.scores.ensure_scores``), then
 runs the needle probes (``magic_number`` template, 3 distractors) through ``model.generate`` with each compressed
 cache and writes ``paper_tables/heads.md`` and ``paper_tables/heads.json``. ``heads_random`` is averaged over
 ``--seeds`` head draws. The testbed is a constructed model (hand-set weights): the numbers show whether a method
@@ -18,7 +18,6 @@ import time
 import warnings
 from pathlib import Path
 
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -26,8 +25,8 @@ import torch  # noqa: E402
 
 import kvcompress  # noqa: E402
 from kvcompress.eval.needle import make_needle_samples, score_exact_match  # noqa: E402
-from kvcompress.heads import ensure_scores, find_scores, full_kv_heads, kv_order  # noqa: E402
-from kvcompress.methods.heads import heads_to_keep  # noqa: E402
+from kvcompress.methods.head.heads import heads_to_keep  # noqa: E402
+from kvcompress.methods.head.scores import ensure_scores, find_scores, full_kv_heads, kv_order  # noqa: E402
 from kvcompress.zoo.testbed import RETRIEVAL_KV_HEADS, answer, load, testbed_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,7 +35,7 @@ from kvcompress.compat import cache_arg
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import kvcompress  # noqa: E402
-import kvcompress.lowrank as lr  # noqa: E402
+import kvcompress.methods.hidden.calibration as lr  # noqa: E402
 from kvcompress.eval.needle import make_needle_samples, score_exact_match  # noqa: E402
 from kvcompress.zoo.testbed import load  # noqa: E402
 

@@ -48,8 +48,8 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
 
 import kvcompress  # noqa: E402
 from kvcompress.bench.common import machine  # noqa: E402
-from kvcompress.methods.quant import Quant  # noqa: E402
-from kvcompress.quantize import SLAB_BYTES  # noqa: E402
+from kvcompress.methods.hidden.packing import SLAB_BYTES  # noqa: E402
+from kvcompress.methods.hidden.quant import Quant  # noqa: E402
 from kvcompress.zoo.testbed import load  # noqa: E402
 
 

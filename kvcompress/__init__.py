@@ -10,8 +10,9 @@ __version__ = "0.1.0"
 
 from .api import SUPPORTED_ARCHITECTURES, attach, build_pipeline, compress  # noqa: E402
 from .cache import KVCompressCache  # noqa: E402
-from .compressor import Axis, Compressor, available_methods, register  # noqa: E402
+from .compressor import Axis, Compressor
 from .errors import KVCompressError  # noqa: E402
+from .registry import available_methods, register
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",

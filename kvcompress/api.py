@@ -19,8 +19,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cache import _ACTIVE, KVCompressCache, active_layer
-from .compressor import AXIS_ORDER, Compressor, check_ratio_or_budget, make_compressor
-from .errors import KVCompressError, check_positive_int, check_ratio, unknown_choice
+from .compressor import AXIS_ORDER, Compressor
+from .errors import KVCompressError, check_positive_int, check_ratio, check_ratio_or_budget, unknown_choice
+from .registry import make_compressor
 
 ATTENTION_NAME = "kvcompress"
 
@@ -160,7 +161,7 @@ def build_pipeline(
 def _fields_of(name: str) -> set[str]:
     import dataclasses
 
-    from .compressor import get_method
+    from .registry import get_method
 
     return {f.name for f in dataclasses.fields(get_method(name))}
 
@@ -174,6 +175,7 @@ def compress(
     params: Mapping[str, Mapping[str, Any]] | None = None,
     trace: bool = False,
     diagnostics: bool = False,
+    tokenizer: Any = None,
     **method_params: Any,
 ) -> KVCompressCache:
     """Attach kvcompress to ``model`` and return a fresh compressed cache for one generation.
@@ -188,6 +190,8 @@ def compress(
     (diagnostics for tests and plots; not counted as cache memory). ``diagnostics=True`` also measures what the
     methods report only on request because it costs time on the hot path (the reconstruction error of every
     hidden-axis encode: a full decode of the block and a host sync, at the prefill and at every flush).
+    ``tokenizer``: handed to each method's :meth:`~kvcompress.compressor.Compressor.prepare` (per-model set-up such as
+    detecting retrieval heads with needle probes; without it such methods use their fallbacks and say so).
     """
     if method_params:
         names = [m.name if isinstance(m, Compressor) else m for m in ([method] if isinstance(method, (str, Compressor)) else method)]
@@ -197,4 +201,17 @@ def compress(
         params = {**(params or {}), names[0]: {**(params or {}).get(names[0], {}), **method_params}}
     pipeline = build_pipeline(method, ratio=ratio, budget=budget, params=params)
     attach(model)
+    prepare(model, pipeline, tokenizer)
     return KVCompressCache(model.config, pipeline, trace=trace, diagnostics=diagnostics)
+
+
+def prepare(model: torch.nn.Module, pipeline: Sequence[Compressor], tokenizer: Any = None) -> dict[str, str]:
+    """Run every compressor's model-dependent set-up (:meth:`~kvcompress.compressor.Compressor.prepare`); returns the
+    notes they give, by method name. :func:`compress` calls it; runners call it once up front to keep the set-up
+    (artifact computation) out of their timings."""
+    notes = {}
+    for comp in pipeline:
+        note = comp.prepare(model, tokenizer)
+        if note:
+            notes[comp.name] = note
+    return notes

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
-from .errors import KVCompressError, check_positive_int, check_ratio, unknown_choice
+from .errors import check_budget_fields, check_positive_int, check_ratio
 
 if TYPE_CHECKING:
     from .cache import KVCompressCache
@@ -132,6 +132,9 @@ class Compressor:
 
     name: ClassVar[str] = ""
     axis: ClassVar[Axis | None] = None
+    #: what the method keeps, in a phrase, and its paper (the README's method table is generated from these)
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
     #: phases in which the compressor acts; "decode" means it also keeps the cache within budget while generating
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     #: True if selecting for one layer needs every layer's observation (then all selection waits for the last layer)
@@ -148,6 +151,18 @@ class Compressor:
 
     def active(self, phase: str) -> bool:
         return phase in self.phases
+
+    def prepare(self, model: torch.nn.Module, tokenizer: Any = None) -> str | None:
+        """Model-dependent set-up, run by :func:`kvcompress.compress` (and so by every runner) before the model's first
+        forward with this compressor: per-model artifacts (retrieval-head scores, low-rank bases), model constants
+        (RoPE frequencies). Idempotent and cheap once done. Returns a one-line note of what was set up, or None."""
+        return None
+
+    def prefill_cost(self, config: Any, n: int) -> dict[str, Any]:
+        """What the method adds to or saves from a prefill of ``n`` tokens, for the latency model: extra FLOPs of its
+        scoring (``extra_prefill_flops``) and the layers whose K/V projection it skips (``prefill_skips_kv_layers``).
+        Default: nothing declared (a cache-side method whose scoring is negligible next to the prefill)."""
+        return {"extra_prefill_flops": 0.0, "prefill_skips_kv_layers": ()}
 
     def decode_step(self, ctx: CompressionContext) -> bool:
         """Called at every decode step of a compressor active in the decode phase, before any view is built: whether
@@ -260,120 +275,3 @@ class HiddenCompressor(Compressor):
         """Encode a block ``(pairs, count, head_dim)``; pair ``i`` is batch row ``rows[i]``, KV head ``heads[i]``;
         ``positions`` (pairs, count) are the logical positions when the cache traces them."""
         raise NotImplementedError
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Registry
-
-REGISTRY: dict[str, type[Compressor]] = {}
-
-
-def register(cls: type[Compressor]) -> type[Compressor]:
-    """Class decorator: make a method available by its ``name`` (CLI, ``compress()``, the shared test matrix)."""
-    if not cls.name:
-        raise TypeError(f"{cls.__qualname__} needs a non-empty `name`")
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise TypeError(f"method name {cls.name!r} is registered twice ({REGISTRY[cls.name].__qualname__})")
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def available_methods() -> list[str]:
-    _load_builtin_methods()
-    return sorted(REGISTRY)
-
-
-def get_method(name: str) -> type[Compressor]:
-    _load_builtin_methods()
-    if name not in REGISTRY:
-        raise unknown_choice("method", name, REGISTRY)
-    return REGISTRY[name]
-
-
-def _load_builtin_methods() -> None:
-    import kvcompress.methods  # noqa: F401  (importing registers every method)
-
-
-def make_compressor(name: str, **params: Any) -> Compressor:
-    cls = get_method(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        valid = ", ".join(sorted(fields)) or "(none)"
-        raise KVCompressError(f"unknown parameter {unknown[0]!r} for method {name!r}; valid: {valid}")
-    check_ratio_or_budget(params.get("ratio"), params.get("budget"), name)
-    return cls(**params)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Budgets and top-k selection shared by the selection methods
-
-
-def check_ratio_or_budget(ratio: float | None, budget: int | None, method: str | None = None) -> None:
-    """``ratio`` (fraction kept) and ``budget`` (tokens kept) are alternatives: giving both explicitly is an error,
-    never a silent choice (a results row would record the ratio while the budget decided what was kept)."""
-    if ratio is not None and budget is not None:
-        where = f" for method {method!r}" if method else ""
-        raise KVCompressError(
-            f"ratio={ratio!r} and budget={budget!r} are both given{where}; "
-            "valid: one of them, ratio (fraction kept) or budget (tokens kept)"
-        )
-
-
-def check_budget_fields(comp: Compressor) -> None:
-    """The same rule for a constructed compressor, where an unset ratio reads as its default 1.0: a budget together
-    with any other ratio is rejected."""
-    ratio = getattr(comp, "ratio", 1.0)
-    check_ratio_or_budget(None if ratio == 1.0 else ratio, getattr(comp, "budget", None), comp.name)
-
-
-def kept_counts(n_valid: torch.Tensor, ratio: float = 1.0, budget: int | None = None) -> torch.Tensor:
-    """Entries to keep per (row, head): ``min(budget, n)`` if a budget is given, else ``clamp(round(ratio·n), 1, n)``.
-
-    Never empties a non-empty head, never exceeds what is there (a budget larger than the context keeps everything).
-    ``ratio`` and ``budget`` are alternatives: :func:`make_compressor`, :func:`~kvcompress.build_pipeline` and the
-    methods' constructors reject both (:func:`check_ratio_or_budget`), so the precedence here is never a choice.
-    """
-    if budget is not None:
-        return torch.minimum(n_valid, torch.full_like(n_valid, budget))
-    kept = torch.round(n_valid.double() * ratio).long()
-    return torch.minimum(torch.clamp(kept, min=1), n_valid)
-
-
-def topk_mask(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Keep the ``k[b, h]`` highest-scoring valid entries of each (row, head).
-
-    Ties are broken towards the earlier position (stable sort), so selection is deterministic.
-    """
-    scores = scores.float().masked_fill(~valid, float("-inf"))
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return (rank < k.unsqueeze(-1)) & valid
-
-
-def sink_and_recent_mask(view: LayerView, sink: int, kept: torch.Tensor) -> torch.Tensor:
-    """Keep the first ``sink`` valid entries and the most recent ``kept − sink`` of each (row, head)."""
-    rank = view.rank()
-    n = view.counts.unsqueeze(-1)
-    recent = (kept.unsqueeze(-1) - sink).clamp(min=0)
-    return view.valid & ((rank < sink) | (rank >= n - recent))
-
-
-def counter_hash(*parts: torch.Tensor | int) -> torch.Tensor:
-    """A counter-based pseudo-random number in [0, 1) from integer inputs (broadcast), SplitMix64-style.
-
-    Unlike a stateful generator, the value for (seed, layer, head, rank) does not depend on the batch it is drawn in,
-    which keeps batched rows independent of one another. The draw lives on the device of the tensor parts (the CPU
-    when every part is an int).
-    """
-    mask = (1 << 62) - 1
-    device = next((p.device for p in parts if isinstance(p, torch.Tensor)), torch.device("cpu"))
-    x = torch.zeros((), dtype=torch.long, device=device)
-    for i, p in enumerate(parts):
-        p = torch.as_tensor(p, dtype=torch.long, device=device)
-        x = (x * 1_000_003 + p + (i + 1) * 0x9E3779B9) & mask
-        x = ((x ^ (x >> 31)) * 0x5851F42D) & mask
-        x = ((x ^ (x >> 29)) * 0x14057B7E) & mask
-        x = x ^ (x >> 32)
-    return (x & ((1 << 24) - 1)).double() / float(1 << 24)

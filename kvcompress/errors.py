@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 
 class KVCompressError(ValueError):
@@ -38,3 +39,21 @@ def check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise KVCompressError(f"{name}={value!r} is invalid; valid: an integer >= 1")
     return value
+
+
+def check_ratio_or_budget(ratio: float | None, budget: int | None, method: str | None = None) -> None:
+    """``ratio`` (fraction kept) and ``budget`` (tokens kept) are alternatives: giving both explicitly is an error,
+    never a silent choice (a results row would record the ratio while the budget decided what was kept)."""
+    if ratio is not None and budget is not None:
+        where = f" for method {method!r}" if method else ""
+        raise KVCompressError(
+            f"ratio={ratio!r} and budget={budget!r} are both given{where}; "
+            "valid: one of them, ratio (fraction kept) or budget (tokens kept)"
+        )
+
+
+def check_budget_fields(comp: Any) -> None:
+    """The same rule for a constructed compressor, where an unset ratio reads as its default 1.0: a budget together
+    with any other ratio is rejected."""
+    ratio = getattr(comp, "ratio", 1.0)
+    check_ratio_or_budget(None if ratio == 1.0 else ratio, getattr(comp, "budget", None), comp.name)

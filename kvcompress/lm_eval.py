@@ -62,7 +62,7 @@ except ImportError as _err:  # lm-eval is an optional dependency (the `eval` ext
 
 import kvcompress
 
-from .api import build_pipeline
+from .api import build_pipeline, prepare
 from .errors import KVCompressError
 
 MODEL_NAME = "kvcompress"
@@ -93,10 +93,7 @@ class KVCompressLM(HFLM):
         if self.backend != "causal":
             raise KVCompressError(f"model backend {self.backend!r} is not supported; valid: causal")
         kvcompress.attach(self.model)
-        if any(c.name in ("heads", "adaptive_heads") for c in pipeline):  # per-model head scores, as the run CLI does
-            from .heads import ensure_scores
-
-            ensure_scores(self.model, self.tokenizer)
+        prepare(self.model, pipeline, self.tokenizer)  # per-model set-up (head scores, low-rank bases), as the run CLI
         self.last_cache: kvcompress.KVCompressCache | None = None
         self._kvc_cont_len: int | None = None
         self._kvc_warned_batch = False
@@ -105,7 +102,7 @@ class KVCompressLM(HFLM):
     def make_cache(self) -> kvcompress.KVCompressCache:
         cache = kvcompress.compress(
             self.model, self.kvc_method, ratio=self.kvc_ratio, budget=self.kvc_budget,
-            params=copy.deepcopy(self.kvc_params),
+            params=copy.deepcopy(self.kvc_params), tokenizer=self.tokenizer,
         )
         self.last_cache = cache
         return cache

@@ -1,7 +1,7 @@
 """``python -m kvcompress.run method=streaming ratio=0.1`` — compress, evaluate, measure, append a results row.
 
-Hydra overrides (``key=value``), config groups ``method``, ``model`` and ``eval`` (one YAML file per option under
-``configs/``), sweeps with ``-m``::
+Hydra overrides (``key=value``), config groups ``method`` (one config per registered method, generated from its
+dataclass), ``model`` and ``eval`` (one YAML file per option under ``configs/``), sweeps with ``-m``::
 
     python -m kvcompress.run method=streaming ratio=0.1
     python -m kvcompress.run method=[streaming,random] ratio=0.5     # composition (also method=streaming+random)
@@ -27,19 +27,20 @@ from typing import Any
 import hydra
 import torch
 import yaml
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 import kvcompress
 
-from .api import build_pipeline
-from .compressor import available_methods
+from .api import build_pipeline, prepare
 from .distributed import is_main_process
 from .errors import KVCompressError, unknown_choice
 from .latency import latency_block
 from .latency.profile import describe_prefill_saving
 from .models import load_model
+from .registry import available_methods, method_defaults
 from .results import append_row, check_writable, provenance, read_rows
 
 CONFIG_DIR = Path(importlib.import_module("kvcompress.configs").__file__).parent
@@ -47,7 +48,23 @@ GROUPS = ("method", "model", "eval")
 
 
 def group_options(group: str) -> list[str]:
+    """The options of a config group: every registered method for ``method`` (generated from the registry), else the
+    YAML files under ``configs/<group>/``."""
+    if group == "method":
+        return available_methods()
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def store_method_configs() -> None:
+    """One Hydra config per registered method (group ``method``): its own parameters and their defaults, generated
+    from the method's dataclass (:func:`~kvcompress.registry.method_defaults`), so ``method.<name>.<param>=`` works
+    for every method, a user's included, with nothing copied by hand."""
+    store = ConfigStore.instance()
+    for name in available_methods():
+        store.store(group="method", name=name, node={name: method_defaults(name)})
+
+
+store_method_configs()
 
 
 def preflight(argv: list[str]) -> list[str]:
@@ -125,7 +142,9 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
         eval_module.validate(cfg.eval)  # bad task names etc. fail before the model is loaded
     loaded = load_model(cfg.model, cfg.dtype, cfg.device)
     model = loaded.model
-    _prepare_artifacts(names, loaded)
+    # per-model set-up (head-score artifacts, low-rank bases) once, before the evaluation: messages, not timings
+    prepare(model, build_pipeline(names, ratio=cfg.ratio, budget=cfg.budget, params=params),
+                           loaded.tokenizer)
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     contexts = list(cfg.eval.get("lengths") or []) + [cfg.eval.get("context") or 0]
     needed = max(int(c) for c in contexts) + int(cfg.eval.get("new_tokens") or 16)
@@ -137,7 +156,8 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
 
     def make_cache() -> kvcompress.KVCompressCache:
         # an evaluation run records what the methods decided, reconstruction errors included (off by default)
-        return kvcompress.compress(model, names, ratio=cfg.ratio, budget=cfg.budget, params=params, diagnostics=True)
+        return kvcompress.compress(model, names, ratio=cfg.ratio, budget=cfg.budget, params=params, diagnostics=True,
+                                   tokenizer=loaded.tokenizer)
 
     accuracy = eval_module.run(model, make_cache, cfg.eval, seed=int(cfg.seed), tokenizer=loaded.tokenizer)
     cache = accuracy.pop("_cache")
@@ -188,10 +208,9 @@ def _prefill_costs(cache: kvcompress.KVCompressCache, config: Any, context: int)
     """Scoring work methods declare for the latency model's prefill term, and whether any prefill compute is saved."""
     extra, skips = 0.0, set()
     for comp in cache.compressors:
-        if hasattr(comp, "prefill_cost"):
-            cost = comp.prefill_cost(config.get_text_config(), context)
-            extra += float(cost.get("extra_prefill_flops", 0.0))
-            skips.update(cost.get("prefill_skips_kv_layers", ()))
+        cost = comp.prefill_cost(config.get_text_config(), context)
+        extra += float(cost.get("extra_prefill_flops", 0.0))
+        skips.update(cost.get("prefill_skips_kv_layers", ()))
     return {
         "extra_prefill_flops": extra,
         "prefill_skips_kv_layers": sorted(skips),
@@ -210,18 +229,6 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return None
-
-
-def _prepare_artifacts(names: list[str], loaded: Any) -> None:
-    """Methods that need a per-model artifact (retrieval-head scores) get it computed on first use, with a message."""
-    if any(name in ("heads", "adaptive_heads") for name in names):
-        from .heads import ensure_scores
-
-        ensure_scores(loaded.model, loaded.tokenizer)
-    if "lowrank" in names:
-        from .lowrank import ensure_calibrated
-
-        ensure_calibrated(loaded.model, loaded.tokenizer)
 
 
 def _eval_module(name: str) -> Any:
@@ -267,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     sys.argv = [sys.argv[0], *args]
+    store_method_configs()
     _hydra_entry()
 
 

@@ -121,7 +121,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def _method_params(row: dict[str, Any]) -> list[str]:
     """``name=value`` for every method parameter of the row that differs from its dataclass default."""
-    from .compressor import REGISTRY, available_methods
+    from .registry import REGISTRY, available_methods
 
     available_methods()
     method_cfg = row.get("config", {}).get("method")
@@ -280,7 +280,7 @@ def latex(header: list[str], body: list[list[str]], caption: str, text_columns: 
 
 def axis_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Best accuracy per axis within kept-fraction buckets (≤0.1, ≤0.25, ≤0.5, ≤1)."""
-    from .compressor import REGISTRY, available_methods
+    from .registry import REGISTRY, available_methods
 
     available_methods()
     buckets = (0.1, 0.25, 0.5, 1.0)

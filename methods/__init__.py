@@ -1,27 +1,10 @@
-"""Compression methods, one small file each; importing this package registers them all.
+"""Compression methods, one small file each, in the folder of their axis: ``layer/``, ``head/``, ``token/``,
+``hidden/`` (``full.py``, the uncompressed baseline, has no axis). Each axis folder also holds its axis's helpers
+(head scores beside the head methods, token scoring beside the token methods, bit packing and low-rank calibration
+beside the hidden-axis methods).
 
-Adding a method: write ``methods/<name>.py`` with a ``@register``-ed ``Compressor`` dataclass whose docstring cites
-its paper and states its defaults, add its import below and ``configs/method/<name>.yaml``; the shared test matrix
-(tests/test_method_matrix.py) picks it up from the registry.
+Adding a method: write ``methods/<axis>/<name>.py`` with a ``@register``-ed ``Compressor`` dataclass whose docstring
+cites its paper and states its defaults. Nothing else: :func:`kvcompress.registry.discover` imports every module
+here, checks that the class's axis is its folder's, and the run CLI's method configs, the runners and the shared
+test matrix take the method from the registry.
 """
-
-from . import (  # noqa: F401
-    adaptive_heads,
-    expected_attention,
-    full,
-    h2o,
-    heads,
-    knorm,
-    layer_budget,
-    layers,
-    lowrank,
-    merge,
-    pyramidkv,
-    quant,
-    random,
-    share,
-    snapkv,
-    streaming,
-    think,
-    tova,
-)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcompress.compressor import Compressor, register
+from kvcompress.compressor import Compressor
+from kvcompress.registry import register
 
 
 @register
 @dataclass
 class Full(Compressor):
     name = "full"
+    summary = "everything (the DynamicCache-equivalent baseline)"
+    paper = "—"
     axis = None

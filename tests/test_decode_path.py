@@ -17,9 +17,10 @@ from tiny_models import left_pad, prompts, tiny_model
 import kvcompress
 from kvcompress.cache import KVCompressLayer
 from kvcompress.compat import cache_arg
-from kvcompress.compressor import LayerView, get_method
+from kvcompress.compressor import LayerView
 from kvcompress.device_probe import VIRTUAL, count_ops, virtual_device
 from kvcompress.ragged import Ragged
+from kvcompress.registry import get_method
 
 #: uniform layers (batch 1 or one budget for every row): no sync at all on a decode step
 UNIFORM = [

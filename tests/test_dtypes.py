@@ -23,7 +23,8 @@ from transformers import DynamicCache
 
 import kvcompress
 from kvcompress.compat import cache_arg
-from kvcompress.compressor import Axis, get_method
+from kvcompress.compressor import Axis
+from kvcompress.registry import get_method
 
 METHODS = kvcompress.available_methods()
 HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,7 +71,7 @@ def test_every_method_runs_in_half_precision(method: str, dtype: torch.dtype) ->
     model = _half("llama", dtype)
     ids, mask = left_pad(prompts((37, 64, 23)))
     if method == "lowrank":
-        from kvcompress.lowrank import calibrate
+        from kvcompress.methods.hidden.calibration import calibrate
 
         calibrate(model, save=False)
     cache = kvcompress.compress(model, method, ratio=_ratio(method))
@@ -126,7 +127,7 @@ def test_half_precision_attention_matches_float32_on_the_held_entries(method: st
     model = _half("llama", dtype)
     ids, mask = left_pad(prompts((37, 64, 23)))
     if method == "lowrank":
-        from kvcompress.lowrank import calibrate
+        from kvcompress.methods.hidden.calibration import calibrate
 
         calibrate(model, save=False)
     cache = kvcompress.compress(model, method, ratio=_ratio(method), **params)

@@ -9,7 +9,8 @@ from transformers import DynamicCache
 
 import kvcompress
 from kvcompress.compat import cache_arg
-from kvcompress.compressor import Axis, get_method
+from kvcompress.compressor import Axis
+from kvcompress.registry import get_method
 
 # Selection methods (layer / head / token axes) at ratio=1 keep everything: they must be bit-identical.
 # Hidden-axis methods at ratio=1 (full rank, all channels) are checked to 1e-4 in their own tests.

@@ -13,7 +13,7 @@ from tiny_models import left_pad, prompts, tiny_model
 import kvcompress
 from kvcompress import KVCompressError
 from kvcompress.compat import cache_arg
-from kvcompress.compressor import get_method, make_compressor
+from kvcompress.registry import get_method, make_compressor
 from kvcompress.run import main, preflight
 
 #: a fast run: the built-in tiny random model, one short fidelity sample

@@ -13,7 +13,8 @@ from transformers import DynamicCache
 
 import kvcompress
 from kvcompress.compat import cache_arg
-from kvcompress.compressor import Axis, Compressor, HiddenCompressor, sink_and_recent_mask
+from kvcompress.compressor import Axis, Compressor, HiddenCompressor
+from kvcompress.selection import sink_and_recent_mask
 
 
 class _HalfCodec:

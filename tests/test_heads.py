@@ -14,11 +14,10 @@ from reference import masked_reference_logits
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import kvcompress
-from kvcompress.ragged import index_bytes
 from kvcompress.compat import cache_arg
 from kvcompress.errors import KVCompressError
-from kvcompress.heads import __main__ as heads_cli
-from kvcompress.heads import (
+from kvcompress.methods.head import __main__ as heads_cli
+from kvcompress.methods.head.scores import (
     artifact_path,
     config_hash,
     ensure_scores,
@@ -27,6 +26,7 @@ from kvcompress.heads import (
     kv_order,
     save_scores,
 )
+from kvcompress.ragged import index_bytes
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_heads_quarter_keeps_needle_accuracy_random_heads_lose_it(scored) -> Non
     of the Binomial(S, q) band (5% tail) / S, and that edge is itself more than 5 points below ``heads``.
     """
     from kvcompress.eval.needle import make_needle_samples, score_exact_match
-    from kvcompress.methods.heads import heads_to_keep
+    from kvcompress.methods.head.heads import heads_to_keep
     from kvcompress.zoo.testbed import RETRIEVAL_KV_HEADS, answer, binomial_band
 
     model, tok = scored
@@ -137,7 +137,7 @@ def test_heads_quarter_keeps_needle_accuracy_random_heads_lose_it(scored) -> Non
 
 
 def test_ratio_with_a_fractional_head_count_rounds_up_and_says_so(cache_root) -> None:
-    from kvcompress.methods.heads import heads_to_keep
+    from kvcompress.methods.head.heads import heads_to_keep
 
     model = _tiny()
     save_scores(_artifact(model, [(0, 0), (1, 0), (1, 3), (0, 2)]))
@@ -158,7 +158,7 @@ def test_ratio_with_a_fractional_head_count_rounds_up_and_says_so(cache_root) ->
 def test_detector_falls_back_to_attention_mass_when_the_model_cannot_answer(cache_root) -> None:
     """The testbed with its retrieval head's output zeroed still attends to the needle but copies nothing: no probe is
     answered, so the detector ranks by attention mass on the needle, and the planted head comes first."""
-    from kvcompress.heads.detect import detect
+    from kvcompress.methods.head.detect import detect
     from kvcompress.zoo.testbed import HEAD_DIM, RETRIEVAL_HEADS, RETRIEVAL_KV_HEADS, load, testbed_path
 
     model, tok = load(testbed_path())
@@ -243,7 +243,7 @@ def test_heads_random_same_budget_and_seeded(cache_root) -> None:
 
 
 def test_adaptive_heads_distributes_layer_budget_with_floor(cache_root) -> None:
-    from kvcompress.methods.adaptive_heads import allocate
+    from kvcompress.methods.token.adaptive_heads import allocate
 
     assert allocate(40, [20, 20, 20, 20], [1.0, 0.0, 0.0, 0.0], 2) == [20, 7, 7, 6]
     assert sum(allocate(33, [50] * 3, [0.5, 0.3, 0.2], 1)) == 33

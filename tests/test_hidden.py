@@ -12,14 +12,14 @@ from tiny_models import left_pad, prompts, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import kvcompress
-import kvcompress.lowrank as lr
+import kvcompress.methods.hidden.calibration as lr
 from kvcompress.cache import Segment
 from kvcompress.compat import cache_arg
 from kvcompress.errors import KVCompressError
-from kvcompress.methods.lowrank import LowRankCodec
-from kvcompress.methods.quant import QuantCodec
-from kvcompress.methods.think import PrunedKeyCodec
-from kvcompress.quantize import dequantize_groups_, pack, quantize_groups, unpack
+from kvcompress.methods.hidden.lowrank import LowRankCodec
+from kvcompress.methods.hidden.packing import dequantize_groups_, pack, quantize_groups, unpack
+from kvcompress.methods.hidden.quant import QuantCodec
+from kvcompress.methods.hidden.think import PrunedKeyCodec
 
 
 @pytest.fixture(autouse=True)

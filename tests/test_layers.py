@@ -14,12 +14,12 @@ from tiny_models import _COMMON, ARCHITECTURES, left_pad, prompts, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import kvcompress
-from kvcompress.ragged import index_bytes
 from kvcompress.compat import cache_arg
-from kvcompress.compressor import available_methods
 from kvcompress.errors import KVCompressError
-from kvcompress.methods.layer_budget import schedule_ratios
-from kvcompress.methods.layers import kept_layer_count
+from kvcompress.methods.layer.layers import kept_layer_count
+from kvcompress.methods.token.layer_budget import schedule_ratios
+from kvcompress.ragged import index_bytes
+from kvcompress.registry import available_methods
 
 FP32 = 4
 
@@ -332,7 +332,7 @@ def test_layers_compose_with_token_axis_bytes_are_the_product() -> None:
 
 
 def _heads_params() -> dict:
-    from kvcompress.compressor import get_method
+    from kvcompress.registry import get_method
 
     return {"scores": "prompt"} if "scores" in get_method("heads").__dataclass_fields__ else {}
 

@@ -11,10 +11,10 @@ from tiny_models import left_pad, prompts, tiny_model
 import kvcompress
 from kvcompress.attention import merged_attention
 from kvcompress.cache import KVCompressLayer
+from kvcompress.compat import cache_arg
 from kvcompress.ragged import Ragged
 from kvcompress.ragged import index_bytes as index_bytes_of
-from kvcompress.compat import cache_arg
-from kvcompress.compressor import get_method
+from kvcompress.registry import get_method
 
 
 def _reachable_tensor_bytes(obj, seen=None) -> int:

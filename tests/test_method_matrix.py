@@ -12,7 +12,8 @@ from tiny_models import left_pad, prompts, tiny_model
 
 import kvcompress
 from kvcompress.compat import cache_arg
-from kvcompress.compressor import Axis, get_method
+from kvcompress.compressor import Axis
+from kvcompress.registry import get_method
 
 METHODS = kvcompress.available_methods()
 RATIO = 0.3

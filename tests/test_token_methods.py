@@ -24,12 +24,13 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 import kvcompress
-from kvcompress.ragged import index_bytes
 from kvcompress import KVCompressError
 from kvcompress.compat import cache_arg
-from kvcompress.compressor import CompressionContext, LayerView, make_compressor
-from kvcompress.methods.pyramidkv import pyramid_budget
-from kvcompress.scoring import attention_mass
+from kvcompress.compressor import CompressionContext, LayerView
+from kvcompress.methods.token.pyramidkv import pyramid_budget
+from kvcompress.methods.token.scoring import attention_mass
+from kvcompress.ragged import index_bytes
+from kvcompress.registry import make_compressor
 
 HQ, H, D = 4, 2, 8
 G = HQ // H
@@ -314,7 +315,9 @@ def test_expected_attention_matches_reference_from_pre_rope_queries(kw: dict, ti
     view, pre = _batch(seed=3, ties=ties)
     query = _rope_queries(pre, rope, offset=5)
     ctx = _ctx(view, query, module=LlamaAttention(config, layer_idx=0))
-    keep = make_compressor("expected_attention", **kw).select(view, ctx)
+    comp = make_compressor("expected_attention", **kw)
+    comp.prepare(rope)  # the RoPE frequencies come from the model's rotary embedding
+    keep = comp.select(view, ctx)
     kept_of = lambda n: _budget(n, kw.get("ratio"), kw.get("budget"))  # noqa: E731
     assert _kept_sets(keep, view) == ref_expected_attention(view, pre, kept_of, rope, offset=5)
     if ties:  # identical keys and values: every non-sink entry of row 0 ties, the earliest are kept after the sinks
@@ -489,7 +492,7 @@ def test_snapkv_decode_rescoring_when_fewer_entries_than_the_window() -> None:
 def test_snapkv_decode_rescoring_is_causal_among_held_entries() -> None:
     """At a re-scoring each usable window query sees only the entries held for its (row, head) that are not newer
     than its own token: the mass equals a direct per-query softmax over exactly those entries."""
-    from kvcompress.methods.snapkv import SnapKV
+    from kvcompress.methods.token.snapkv import SnapKV
 
     view, query = _batch((37, 51, 9))
     # a ragged decode-time layer: (row, head) pairs hold different counts, filler at the end of the rectangle
@@ -524,7 +527,7 @@ def test_snapkv_decode_rescoring_is_causal_among_held_entries() -> None:
 
 
 def test_question_agnostic_helper_appends_uncompressed() -> None:
-    from kvcompress.scoring import append_uncompressed
+    from kvcompress.methods.token.scoring import append_uncompressed
 
     model = tiny_model("llama")
     context, question = prompts((40, 6))

@@ -157,40 +157,35 @@ def resolve_methods(spec: Any, exclude: Any = ()) -> list[str]:
 def axis_of(method: str) -> str | None:
     if method in ("dynamic", "plain"):
         return None
-    from kvcompress.compressor import get_method
+    from kvcompress.registry import get_method
 
     axis = get_method(method).axis
     return axis.value if axis is not None else None
 
 
 def prepare(bm: BenchModel, methods: list[str]) -> dict[str, str]:
-    """One-time set-up some methods need before timing (head scores, low-rank calibration). Returns notes."""
+    """Every method's model-dependent set-up (head scores, low-rank calibration, ...) before timing, through the
+    methods' own ``prepare`` hook; returns their notes by method name."""
+    import kvcompress
+
     notes: dict[str, str] = {}
-    if any(m in ("heads", "adaptive_heads") for m in methods):
-        from kvcompress.heads import ensure_scores
-
-        with quiet():
-            path = ensure_scores(bm.model, bm.tokenizer, verbose=False)
-        notes["heads"] = f"retrieval-head scores: {path}" if path else "no tokenizer: heads scored per prompt (fallback)"
-    if "lowrank" in methods:
-        from kvcompress import lowrank
-
-        with quiet():
-            lowrank.ensure_calibrated(bm.model, bm.tokenizer)
-        notes["lowrank"] = "bases calibrated / loaded before timing (kvcompress.lowrank.ensure_calibrated)"
+    with quiet():
+        for method in methods:
+            if method in kvcompress.available_methods():
+                notes.update(kvcompress.api.prepare(bm.model, kvcompress.build_pipeline(method), bm.tokenizer))
     return notes
 
 
 def make_cache(model: torch.nn.Module, method: str, ratio: float | None):
-    """A fresh cache: ``dynamic``/``plain`` = the stock ``DynamicCache``; selection methods get ``ratio`` (fraction
-    kept); hidden-axis methods keep their own defaults (quant 4-bit, lowrank/think ratio 0.5)."""
+    """A fresh cache: ``dynamic``/``plain`` = the stock ``DynamicCache``; methods of the selection axes (layer, head,
+    token) get ``ratio`` (fraction kept); hidden-axis methods and the baseline keep their own defaults."""
     from transformers import DynamicCache
 
     import kvcompress
 
     if method in ("dynamic", "plain"):
         return DynamicCache()
-    if method == "full" or axis_of(method) == "hidden":
+    if axis_of(method) in (None, "hidden"):
         return kvcompress.compress(model, method)
     return kvcompress.compress(model, method, ratio=ratio)
 

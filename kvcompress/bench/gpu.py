@@ -338,7 +338,7 @@ def random_ids(model: torch.nn.Module, shape: tuple[int, ...], seed: int) -> tor
 def method_kwargs(name: str, ratio: float) -> dict[str, Any]:
     """``ratio`` for methods that have one (hidden-axis ``lowrank``/``think`` included); ``quant``, ``share``,
     ``full`` keep their defaults (quant: 4 bits)."""
-    from ..compressor import get_method
+    from ..registry import get_method
 
     fields = {f.name for f in dataclasses.fields(get_method(name))}
     return {"ratio": ratio} if "ratio" in fields else {}

@@ -1,0 +1,272 @@
+"""Calibration of the principal bases of the ``lowrank`` method, saved as a model-side artifact.
+
+``calibrate(model, tokenizer)`` runs the model once over calibration text with an uncompressed (``full``) cache and,
+for every layer and KV head, takes the eigenvectors of the **uncentered** second-moment matrix ``XᵀX`` of the
+**post-RoPE** keys (as the cache holds them) and of the values, sorted by decreasing eigenvalue. Projecting onto the
+top ``r`` of them is the rank-``r`` approximation with the least squared error on the calibration keys; with every
+direction (``r = head_dim``) the basis is orthonormal and the reconstruction exact up to float rounding.
+Uncentered, so no mean has to be stored or added back.
+
+Calibration text: the project's built-in corpus (``eval/haystack.py``'s ``"pydoc"`` sentences, first ``tokens``
+tokens) when the model has a tokenizer; ``text=`` for user text (a string, or a path to a ``.txt`` file); a model with
+no tokenizer (e.g. a random tiny model) is calibrated on ``tokens`` seeded random token ids.
+
+Artifact: ``$KVCOMPRESS_CACHE/lowrank/<config-hash>-<source>.safetensors`` (default ``~/.cache/kvcompress``), keyed by a
+hash of the model's text config and by the calibration source; it also records a fingerprint of every layer's
+``k_proj``/``v_proj`` weights, and a mismatch (same config, other weights) counts as missing. The bases are model-side
+data like the weights: their bytes (:attr:`Bases.nbytes`) are reported separately, never as cache bytes.
+
+The method's ``prepare`` step (run by :func:`kvcompress.compress`) calls :func:`ensure_calibrated`, which loads the
+artifact or calibrates and registers the model; if an encode still finds no bases (a cache built without
+``compress``), a one-line error says how to calibrate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvcompress.compat import cache_arg
+from kvcompress.errors import KVCompressError
+
+DEFAULT_TOKENS = 1024
+_VOLATILE = {"transformers_version", "architectures", "_name_or_path", "name_or_path", "attn_implementation",
+             "_attn_implementation", "dtype", "torch_dtype", "use_cache", "return_dict", "output_attentions",
+             "output_hidden_states", "_commit_hash"}
+
+_LOCK = threading.RLock()
+_LOADED: dict[str, Bases] = {}
+_MODELS: dict[int, tuple[weakref.ref, Any]] = {}  # id(config) -> (model, tokenizer)
+
+
+def artifact_dir() -> Path:
+    env = os.environ.get("KVCOMPRESS_CACHE")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "kvcompress"
+    return root / "lowrank"
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def config_hash(config: Any) -> str:
+    """A stable hash of the model's text config (runtime-only keys such as the attention implementation dropped)."""
+    d = {k: v for k, v in _text_config(config).to_dict().items() if k not in _VOLATILE and not k.startswith("_")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and hasattr(m, "v_proj")]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def layer_fingerprint(attention: torch.nn.Module) -> float:
+    """A cheap fingerprint of one attention layer's key/value projections."""
+    k, v = attention.k_proj.weight.detach().double(), attention.v_proj.weight.detach().double()
+    ramp = lambda w: torch.linspace(1.0, 2.0, w.numel(), dtype=torch.float64, device=w.device).view_as(w)  # noqa: E731
+    return float((k * ramp(k)).sum() + 3.0 * (v * ramp(v)).sum())
+
+
+def _source_tag(text: str | None, has_tokenizer: bool) -> str:
+    if text is not None:
+        return "text-" + hashlib.sha256(_read_text(text).encode()).hexdigest()[:12]
+    return "pydoc" if has_tokenizer else "ids"
+
+
+def _read_text(text: str) -> str:
+    if len(text) < 4096 and "\n" not in text and text.endswith(".txt") and Path(text).expanduser().is_file():
+        return Path(text).expanduser().read_text(encoding="utf-8", errors="replace")
+    return text
+
+
+@dataclass
+class Bases:
+    """Per-(layer, KV head) orthonormal bases, columns by decreasing eigenvalue: keys ``(L, H, D, D)``, values
+    ``(L, H, Dv, Dv)`` (float32), with the eigenvalues (energy per direction) ``(L, H, D)``.
+
+    The artifact keeps them on the CPU; :meth:`layer` hands out one layer's bases on the device of the keys that use
+    them (moved once per layer and device, then reused)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_energy: torch.Tensor
+    value_energy: torch.Tensor
+    fingerprints: list[float]
+    source: str
+    tokens: int
+    path: Path | None = None
+    #: moved copies handed out by :meth:`layer`, by (layer, device)
+    _moved: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def layer(self, i: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s key and value bases ``(H, D, D)``, ``(H, Dv, Dv)`` on ``device``, float32 (the codecs
+        project in float32). Moved once per (layer, device) and cached, so every block of a layer shares one copy."""
+        device = torch.device(device)
+        if self.keys.device == device:
+            return self.keys[i], self.values[i]
+        key = (i, str(device))
+        moved = self._moved.get(key)
+        if moved is None:
+            moved = self._moved[key] = (self.keys[i].to(device), self.values[i].to(device))
+        return moved
+
+    @property
+    def nbytes(self) -> int:
+        """Model-side bytes (full bases and energies; a rank-r method uses only the first r columns)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.key_energy, self.value_energy))
+
+    def matches(self, attention: torch.nn.Module) -> bool:
+        i = attention.layer_idx
+        if i >= len(self.fingerprints):
+            return False
+        fp = layer_fingerprint(attention)
+        return abs(fp - self.fingerprints[i]) <= 1e-6 * max(1.0, abs(fp))
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        meta = {"fingerprints": json.dumps(self.fingerprints), "source": self.source, "tokens": str(self.tokens),
+                "basis": "uncentered PCA of post-RoPE keys / values"}
+        save_file({"keys": self.keys.contiguous(), "values": self.values.contiguous(),
+                   "key_energy": self.key_energy.contiguous(), "value_energy": self.value_energy.contiguous()},
+                  str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path) -> Bases:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            t = {k: f.get_tensor(k) for k in ("keys", "values", "key_energy", "value_energy")}
+        return cls(t["keys"], t["values"], t["key_energy"], t["value_energy"], json.loads(meta["fingerprints"]),
+                   meta["source"], int(meta["tokens"]), path)
+
+
+def artifact_path(config: Any, text: str | None = None, has_tokenizer: bool = True) -> Path:
+    return artifact_dir() / f"{config_hash(config)}-{_source_tag(text, has_tokenizer)}.safetensors"
+
+
+def calibration_ids(model: torch.nn.Module, tokenizer: Any = None, text: str | None = None,
+                    tokens: int = DEFAULT_TOKENS) -> torch.Tensor:
+    """The calibration prompt ``(1, n)``: the first ``tokens`` tokens of the text (built-in corpus by default)."""
+    if tokenizer is None:
+        if text is not None:
+            raise KVCompressError("calibration text needs the model's tokenizer; valid: calibrate(model, tokenizer, text=...)")
+        vocab = _text_config(model.config).vocab_size
+        g = torch.Generator().manual_seed(0)  # a host generator: the same ids on every device (moved by the caller)
+        return torch.randint(3, vocab, (1, tokens), generator=g, device="cpu")
+    if text is None:
+        from kvcompress.eval.haystack import corpus_text
+
+        text = corpus_text("pydoc")[: tokens * 16]
+    ids = tokenizer(_read_text(text), return_tensors="pt")["input_ids"][:, :tokens]
+    if ids.shape[1] < 8:
+        raise KVCompressError(f"calibration text has {ids.shape[1]} tokens; valid: at least 8")
+    return ids
+
+
+def _register(model: torch.nn.Module, tokenizer: Any) -> None:
+    _MODELS[id(model.config)] = (weakref.ref(model), tokenizer)
+
+
+def _eigbasis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ``(H, N, D)`` → (basis ``(H, D, D)`` columns by decreasing eigenvalue, eigenvalues ``(H, D)``)."""
+    x = x.double()
+    cov = x.transpose(-1, -2) @ x / max(1, x.shape[1])
+    evals, evecs = torch.linalg.eigh(cov)
+    return evecs.flip(-1).float(), evals.flip(-1).clamp(min=0).float()
+
+
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, tokenizer: Any = None, text: str | None = None, tokens: int = DEFAULT_TOKENS,
+              save: bool = True) -> Bases:
+    """Compute (and save) the per-(layer, KV head) key/value bases of ``model`` on calibration text."""
+    import kvcompress
+
+    ids = calibration_ids(model, tokenizer, text, tokens).to(next(model.parameters()).device)
+    cache = kvcompress.compress(model, "full")
+    model(ids, **cache_arg(cache))
+    ks, vs, kes, ves = [], [], [], []
+    for layer in cache.layers:
+        k, e = _eigbasis(layer.keys[0, :, : layer.length])
+        ks.append(k), kes.append(e)
+        v, e = _eigbasis(layer.values[0, :, : layer.length])
+        vs.append(v), ves.append(e)
+    fps = [layer_fingerprint(m) for m in _attention_modules(model)]
+    # computed where the model runs; kept on the CPU like a loaded artifact (moved per layer when used)
+    bases = Bases(torch.stack(ks).cpu(), torch.stack(vs).cpu(), torch.stack(kes).cpu(), torch.stack(ves).cpu(), fps,
+                  _source_tag(text, tokenizer is not None), int(ids.shape[1]))
+    path = artifact_path(model.config, text, tokenizer is not None)
+    if save:
+        bases.save(path)
+    with _LOCK:
+        _LOADED[str(path)] = bases
+        _register(model, tokenizer)
+    return bases
+
+
+def ensure_calibrated(model: torch.nn.Module, tokenizer: Any = None, text: str | None = None,
+                      tokens: int = DEFAULT_TOKENS) -> Bases:
+    """Load the model's bases if a matching artifact exists, else calibrate; remembers the model for lazy use."""
+    with _LOCK:
+        _register(model, tokenizer)
+        path = artifact_path(model.config, text, tokenizer is not None)
+        mods = _attention_modules(model)
+        bases = _try_load(path, mods[0] if mods else None)
+        if bases is not None and all(bases.matches(m) for m in mods):
+            return bases
+    return calibrate(model, tokenizer, text, tokens)
+
+
+def _try_load(path: Path, attention: torch.nn.Module | None) -> Bases | None:
+    bases = _LOADED.get(str(path))
+    if bases is None and path.is_file():
+        try:
+            bases = Bases.load(path)
+        except Exception:  # noqa: BLE001 — a torn or foreign file counts as missing
+            return None
+        _LOADED[str(path)] = bases
+    if bases is not None and attention is not None and not bases.matches(attention):
+        return None
+    return bases
+
+
+def _find_model(attention: torch.nn.Module) -> tuple[torch.nn.Module | None, Any]:
+    """The model that owns ``attention``, as registered by :func:`calibrate` / :func:`ensure_calibrated` (which the
+    method's ``prepare`` step calls), with its tokenizer; ``(None, None)`` when it was never registered."""
+    entry = _MODELS.get(id(attention.config))
+    if entry is not None and entry[0]() is not None:
+        return entry[0](), entry[1]
+    return None, None
+
+
+def bases_for(attention: torch.nn.Module, text: str | None = None) -> Bases:
+    """The bases for the model owning ``attention`` (an attention module): loaded lazily, calibrated if missing."""
+    config = attention.config
+    with _LOCK:
+        for has_tok in ((True, False) if text is None else (True,)):
+            bases = _try_load(artifact_path(config, text, has_tok), attention)
+            if bases is not None:
+                return bases
+        model, tokenizer = _find_model(attention)
+    if model is None:
+        raise KVCompressError(
+            "lowrank has no calibrated bases for this model; valid: create the cache with kvcompress.compress(model, "
+            "'lowrank', ...) (it calibrates) or call kvcompress.methods.hidden.calibration.ensure_calibrated first"
+        )
+    was_training = model.training
+    bases = calibrate(model, tokenizer, text)
+    model.train(was_training)
+    return bases

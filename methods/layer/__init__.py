@@ -1,0 +1,1 @@
+"""Layer-axis methods: which layers keep their full context."""
