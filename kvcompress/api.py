@@ -2,7 +2,7 @@
 
 Attachment uses transformers' own extension points only — no model forward is copied or patched:
 
-* the cache is a ``Cache`` whose layers are :class:`~kvcompress.cache.KVCompressLayer` (``CacheLayerMixin``);
+* the cache is a ``Cache`` whose layers are :class:`~kvcompress.layer.KVCompressLayer` (``CacheLayerMixin``);
 * attention goes through an implementation registered with ``AttentionInterface`` under the name ``"kvcompress"``
   (plus ``AttentionMaskInterface`` so the model still builds its usual masks). For any cache other than ours it is
   exactly the stock sdpa function, so switching a model to it changes nothing until a compressed cache is passed.
@@ -18,7 +18,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import _ACTIVE, KVCompressCache, active_layer
+from .cache import KVCompressCache
+from .layer import _ACTIVE, active_layer
 from .compressor import AXIS_ORDER, Compressor
 from .errors import KVCompressError, check_positive_int, check_ratio, check_ratio_or_budget, unknown_choice
 from .registry import make_compressor

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .cache import KVCompressLayer
+    from .layer import KVCompressLayer
 
 
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -81,7 +81,7 @@ def merged_attention(
         ids = None if whole else seg.rows * h + seg.heads
         qs = (q if whole else q.index_select(0, ids)).float()
         codec = seg.codec
-        if hasattr(codec, "scores"):
+        if codec.attends_directly:
             part = _softmax_part(codec.scores(qs, layer.cache.workspace) * scaling,
                                  lambda p, c=codec: c.mix(p, layer.cache.workspace))
         else:

@@ -21,14 +21,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 
-from .errors import check_budget_fields, check_positive_int, check_ratio
-
-if TYPE_CHECKING:
-    from .cache import KVCompressCache
+from .errors import KVCompressError, check_budget_fields, check_positive_int, check_ratio, unknown_choice
 
 
 class Axis(str, enum.Enum):
@@ -37,6 +34,9 @@ class Axis(str, enum.Enum):
     TOKEN = "token"
     HIDDEN = "hidden"
 
+
+#: the two phases of a generation: the prompt's forward, then one token at a time
+PHASES = ("prefill", "decode")
 
 #: Composition order: each later compressor works on what the earlier ones kept.
 AXIS_ORDER: tuple[Axis, ...] = (Axis.LAYER, Axis.HEAD, Axis.TOKEN, Axis.HIDDEN)
@@ -95,7 +95,8 @@ class CompressionContext:
     end of the prefill, :meth:`Compressor.select` sees only the last ``query_window`` queries; work that needs every
     prompt query belongs in :meth:`Compressor.observe`, which always sees them all.
     state: per-layer, per-compressor scratch space persisting across steps (tensors in it count as cache memory).
-    shared: per-compressor space shared by all layers (e.g. per-layer importance scores for a layer-axis method).
+    shared: per-compressor space shared by all layers (e.g. per-layer importance scores for a layer-axis method, or
+    what one layer leaves for another): a compressor sees its own layer and this, never the cache.
     hidden_states: the attention block's input ``(batch, q_len, hidden)`` and attn_output its output before
     ``o_proj`` ``(batch, q_len, q_heads, head_dim)`` — available in :meth:`Compressor.observe` (and in an immediate,
     non-deferred select), None otherwise.
@@ -106,17 +107,19 @@ class CompressionContext:
     phase: str  # "prefill" or "decode"
     query: torch.Tensor
     module: torch.nn.Module
-    cache: KVCompressCache
+    num_kv_heads: int
     state: dict[str, Any]
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)
     hidden_states: torch.Tensor | None = None
     attn_output: torch.Tensor | None = None
     #: at a decode step, the entries every (row, head) holds when the layer is one dense buffer (host int), else None
     decode_count: int | None = None
+    #: the cache was created with ``diagnostics=True`` (opt-in measurements off the hot path)
+    diagnostics: bool = False
 
     @property
     def num_kv_groups(self) -> int:
-        return self.query.shape[1] // self.cache.num_kv_heads
+        return self.query.shape[1] // self.num_kv_heads
 
     @property
     def scaling(self) -> float:
@@ -135,22 +138,38 @@ class Compressor:
     #: what the method keeps, in a phrase, and its paper (the README's method table is generated from these)
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    #: phases in which the compressor acts; "decode" means it also keeps the cache within budget while generating
-    phases: ClassVar[tuple[str, ...]] = ("prefill",)
+    #: when the compressor acts while decoding: "never" (prefill only), "always" (a hidden codec flushing as the cache
+    #: grows) or "optional" (its ``phase`` field chooses: "decode" keeps the cache within budget while generating)
+    decode_phase: ClassVar[str] = "never"
     #: True if selecting for one layer needs every layer's observation (then all selection waits for the last layer)
     cross_layer: ClassVar[bool] = False
     #: prompt queries :meth:`select` needs when selection is deferred to the end of the prefill
     query_window: ClassVar[int] = 64
 
     def __post_init__(self) -> None:
-        if hasattr(self, "ratio"):
+        fields = {f.name for f in dataclasses.fields(self)}
+        if "ratio" in fields:
             self.ratio = check_ratio(self.ratio)
-        if getattr(self, "budget", None) is not None:
+        if "budget" in fields and self.budget is not None:
             self.budget = check_positive_int(self.budget, "budget")
         check_budget_fields(self)
+        if "phase" in fields:
+            if self.phase not in PHASES:
+                raise unknown_choice("phase", self.phase, PHASES)
+            if self.phase == "decode" and self.decode_phase != "optional":
+                raise KVCompressError(f"phase='decode' is not defined for {self.name}; valid: prefill")
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether kept counts may differ from the uniform per-head budget (per-head or per-layer budgets): the shared
+        test matrix then checks layer totals instead of per-head counts."""
+        return False
 
     def active(self, phase: str) -> bool:
-        return phase in self.phases
+        """Whether the compressor acts in ``phase`` ("prefill" always; "decode" as :attr:`decode_phase` says)."""
+        if phase == "prefill":
+            return True
+        return self.decode_phase == "always" or (self.decode_phase == "optional" and self.phase == "decode")
 
     def prepare(self, model: torch.nn.Module, tokenizer: Any = None) -> str | None:
         """Model-dependent set-up, run by :func:`kvcompress.compress` (and so by every runner) before the model's first
@@ -221,25 +240,40 @@ class Workspace:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
 
-class Codec(Protocol):
-    """Encoded storage of a block of KV entries ``(pairs, count, head_dim)`` (quantized, low-rank, pruned...).
+class Codec:
+    """Base of the encoded storage of a block of KV entries ``(pairs, count, head_dim)`` (quantized, low-rank,
+    pruned...). Required: :meth:`decode` and :meth:`tensors`. Optional capabilities are declared by class flags:
 
-    Optional, for attention without reconstructing the whole block: ``scores(query, workspace) -> query · Kᵀ`` and
-    ``mix(probs, workspace) -> probs · V`` for ``query (pairs, m, d_k)`` and ``probs (pairs, m, count)``, float32 in
-    and out, called in that order (low-rank coefficients and pruned channels are read as they are stored; quantized
-    keys, then values, are dequantized into one workspace buffer). Optional ``concat(later) -> Codec``
-    joins a later block of the same (row, head) pairs, so decoding keeps one block per pair group instead of one
-    per flush.
+    * ``attends_directly`` — :meth:`scores` ``(query, workspace) -> query · Kᵀ`` and :meth:`mix`
+      ``(probs, workspace) -> probs · V`` for ``query (pairs, m, d_k)`` and ``probs (pairs, m, count)``, float32 in and
+      out, called in that order, so attention need not reconstruct the block (low-rank coefficients and pruned
+      channels are read as stored; quantized keys, then values, are dequantized into one workspace buffer);
+    * ``joinable`` — :meth:`concat` ``(later) -> Codec | None`` joins a later block of the same (row, head) pairs, so
+      decoding keeps one block per pair group instead of one per flush.
     """
 
-    def decode(self, workspace: Workspace | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    attends_directly: ClassVar[bool] = False
+    joinable: ClassVar[bool] = False
+
+    def decode(
+        self, workspace: Workspace | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``(pairs, count, head_dim)`` reconstructed (a transient copy) in ``dtype`` (default: the
         cache dtype); with a ``workspace`` they may be views of its buffers."""
-        ...
+        raise NotImplementedError
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the codec holds (payload and metadata): what is counted as cache memory."""
-        ...
+        raise NotImplementedError
+
+    def scores(self, query: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not attend directly")
+
+    def mix(self, probs: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not attend directly")
+
+    def concat(self, later: Codec) -> Codec | None:
+        raise NotImplementedError(f"{type(self).__name__} cannot join blocks")
 
 
 @dataclass
@@ -255,7 +289,7 @@ class HiddenCompressor(Compressor):
     """
 
     axis: ClassVar[Axis | None] = Axis.HIDDEN
-    phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
+    decode_phase: ClassVar[str] = "always"
 
     def residual_tokens(self) -> int:
         return 0

@@ -15,7 +15,7 @@ import torch
 from tiny_models import left_pad, prompts, tiny_model
 
 import kvcompress
-from kvcompress.cache import KVCompressLayer
+from kvcompress.layer import KVCompressLayer
 from kvcompress.compat import cache_arg
 from kvcompress.compressor import LayerView
 from kvcompress.device_probe import VIRTUAL, count_ops, virtual_device

@@ -98,7 +98,7 @@ def _used_tensors(cache):
                 yield layer.ragged.positions
         for seg in layer.segments:
             yield from seg.tensors()
-        from kvcompress.cache import _state_tensors
+        from kvcompress.storage import state_tensors as _state_tensors
 
         yield from _state_tensors(layer.state)
 

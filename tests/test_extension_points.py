@@ -13,11 +13,11 @@ from transformers import DynamicCache
 
 import kvcompress
 from kvcompress.compat import cache_arg
-from kvcompress.compressor import Axis, Compressor, HiddenCompressor
+from kvcompress.compressor import Axis, Codec, Compressor, HiddenCompressor
 from kvcompress.selection import sink_and_recent_mask
 
 
-class _HalfCodec:
+class _HalfCodec(Codec):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, exact: bool):
         dtype = keys.dtype if exact else torch.float16
         self.keys, self.values, self.dtype = keys.to(dtype).clone(), values.to(dtype).clone(), keys.dtype

@@ -10,7 +10,7 @@ from tiny_models import left_pad, prompts, tiny_model
 
 import kvcompress
 from kvcompress.attention import merged_attention
-from kvcompress.cache import KVCompressLayer
+from kvcompress.layer import KVCompressLayer
 from kvcompress.compat import cache_arg
 from kvcompress.ragged import Ragged
 from kvcompress.ragged import index_bytes as index_bytes_of

@@ -78,10 +78,9 @@ def _h2o_tie_batch() -> tuple[LayerView, torch.Tensor]:
 
 
 def _ctx(view, query, layer=0, layers=4, module=None):
-    cache = SimpleNamespace(num_kv_heads=H)
     module = module if module is not None else SimpleNamespace(scaling=D**-0.5)
     return CompressionContext(layer_idx=layer, num_layers=layers, phase="prefill", query=query, module=module,
-                              cache=cache, state={}, shared={})
+                              num_kv_heads=H, state={}, shared={})
 
 
 def _rows(view, query):

@@ -225,7 +225,7 @@ def storage_bytes(cache: Any) -> int:
                 tensors.append(ragged.positions)
         for seg in getattr(layer, "segments", []):
             tensors += list(seg.tensors())
-        from kvcompress.cache import _state_tensors
+        from kvcompress.storage import state_tensors as _state_tensors
 
         tensors += list(_state_tensors(getattr(layer, "state", {})))
     for t in tensors:

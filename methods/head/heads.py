@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -131,9 +131,9 @@ def resolve_scores(comp: Compressor, ctx: CompressionContext) -> dict | None:
             )
     else:
         data = load_scores(spec, config)
-    if data is not None and (data["num_layers"] != ctx.num_layers or data["num_kv_heads"] != ctx.cache.num_kv_heads):
+    if data is not None and (data["num_layers"] != ctx.num_layers or data["num_kv_heads"] != ctx.num_kv_heads):
         raise KVCompressError(f"head scores {spec!r} have {data['num_layers']}x{data['num_kv_heads']} KV heads; this "
-                              f"model has {ctx.num_layers}x{ctx.cache.num_kv_heads}")
+                              f"model has {ctx.num_layers}x{ctx.num_kv_heads}")
     ctx.shared["artifact"] = data
     return data
 
@@ -158,12 +158,12 @@ class _HeadSplit(Compressor):
 
     def _global_choice(self, ctx: CompressionContext, order: list[tuple[int, int]], view: LayerView) -> torch.Tensor:
         b = view.valid.shape[0]
-        total = ctx.num_layers * ctx.cache.num_kv_heads
+        total = ctx.num_layers * ctx.num_kv_heads
         if "kept" not in ctx.shared:
             k = heads_to_keep(self.ratio, total)
             _say_rounding(self.name, self.ratio, k, total)
             ctx.shared["kept"] = set(order[:k])
-        full = torch.tensor([(ctx.layer_idx, h) in ctx.shared["kept"] for h in range(ctx.cache.num_kv_heads)],
+        full = torch.tensor([(ctx.layer_idx, h) in ctx.shared["kept"] for h in range(ctx.num_kv_heads)],
                             device=view.valid.device)
         return full.unsqueeze(0).expand(b, -1)
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from kvcompress.compressor import CompressionContext, Workspace
+from kvcompress.compressor import Codec, CompressionContext, Workspace
 from kvcompress.errors import KVCompressError, check_non_negative_int
 from kvcompress.methods.hidden.calibration import bases_for, ensure_calibrated
 from kvcompress.methods.hidden.packing import ResidualHidden
@@ -44,9 +44,12 @@ _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CHUNK = 32
 
 
-class LowRankCodec:
+class LowRankCodec(Codec):
     """Coefficients ``(pairs, count, r)`` on each pair's basis. The layer's bases ``(kv_heads, D, D)`` are held by
     reference (model-side, not cache bytes; no per-block copy) with each pair's KV head index (the segment's own)."""
+
+    attends_directly = True
+    joinable = True
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, k_bases: torch.Tensor, v_bases: torch.Tensor,
                  heads: torch.Tensor, rk: int, rv: int):

@@ -194,7 +194,7 @@ class ResidualHidden(HiddenCompressor):
     :meth:`encode_block`."""
 
     def residual_tokens(self) -> int:
-        return int(getattr(self, "residual", 0))
+        return int(self.residual)  # every subclass declares its `residual` field
 
     def chunk_tokens(self) -> int:
         return 1
@@ -206,7 +206,7 @@ class ResidualHidden(HiddenCompressor):
     def encode(self, keys: torch.Tensor, values: torch.Tensor, ctx: CompressionContext, rows: torch.Tensor,
                heads: torch.Tensor, positions: torch.Tensor | None = None) -> Any:
         codec = self.encode_block(keys, values, rows, heads, ctx)
-        if ctx.cache.diagnostics:  # opt-in: a full decode of the block and a host sync
+        if ctx.diagnostics:  # opt-in: a full decode of the block and a host sync
             with torch.no_grad():
                 k_hat, v_hat = codec.decode()
                 record_error(ctx, relative_error(keys, k_hat), relative_error(values, v_hat))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.compressor import CompressionContext, Workspace
+from kvcompress.compressor import Codec, CompressionContext, Workspace
 from kvcompress.errors import KVCompressError, check_non_negative_int, check_positive_int
 from kvcompress.methods.hidden.packing import (
     SLAB_BYTES,
@@ -45,9 +45,12 @@ from kvcompress.registry import register
 
 
 @dataclass
-class QuantCodec:
+class QuantCodec(Codec):
     """Packed codes + float16 scales/minima for keys (per channel, token groups) and values (per token, channel
     groups) of a block ``(pairs, count, head_dim)``."""
+
+    attends_directly = True
+    joinable = True
 
     bits: int
     group: int

@@ -20,7 +20,7 @@ they are): for a block of ``n`` tokens of which ``k = round(retain·n)`` are ret
   re-stores layer a), layer b becomes the sole owner and counts them.
 
 Magnitudes, directions and retained entries are in the cache dtype. The prefill cache is merged; tokens generated
-afterwards are appended unmerged (``phases = prefill``). Layer a's codec holds its full keys/values until layer b's
+afterwards are appended unmerged (``decode_phase = "never"``). Layer a's codec holds its full keys/values until layer b's
 prefill has run (then the merge happens), so the prefill peak is the uncompressed one.
 
 Pairing is by index within each stored block: both layers of a pair must hold the same positions. That is so for an
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.compressor import CompressionContext, HiddenCompressor, Workspace
+from kvcompress.compressor import Codec, CompressionContext, HiddenCompressor, Workspace
 from kvcompress.errors import KVCompressError, check_non_negative_int
 from kvcompress.registry import register
 
@@ -53,7 +53,7 @@ class _Pair:
         return [self.dir_k, self.dir_v, self.retained]
 
 
-class ShareCodec:
+class ShareCodec(Codec):
     """One layer's block. Plain (``keys``/``values``) until merged; then magnitudes + retained + the pair's directions."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, block: tuple | None):
@@ -123,7 +123,7 @@ class Share(HiddenCompressor):
     name = "share"
     summary = "MiniCache cross-layer SLERP directions + magnitudes + retained tokens"
     paper = "MiniCache (Liu et al. 2024)"
-    phases = ("prefill",)
+    decode_phase = "never"
 
     start: int | None = None
     t: float = 0.6
@@ -166,15 +166,20 @@ class Share(HiddenCompressor):
         shared["prefill_saving"] = "memory-only"
         codec = ShareCodec(keys, values, (rows, heads, positions))
         role = self.role(ctx.layer_idx, ctx.num_layers)
-        # Codecs of a pair's first layer wait for the second layer in the first layer's state (not a tensor: not
-        # counted there; their tensors are counted in the segments that hold them).
+        # Codecs of a pair's first layer wait for the second layer in the method's shared space, by layer (objects, not
+        # tensors: their tensors are counted in the segments that hold them).
+        pending = shared.setdefault("_pending", {})
         if role == "first":
-            ctx.state.setdefault("pending", []).append(codec)
+            pending.setdefault(ctx.layer_idx, []).append(codec)
         elif role == "second":
-            firsts = ctx.cache.layers[ctx.layer_idx - 1].state.get(self.name, {}).get("pending", [])
+            firsts = pending.get(ctx.layer_idx - 1, [])
             match = next((i for i, f in enumerate(firsts) if _same_block(f, codec)), None)
             if match is not None:
                 first = firsts.pop(match)
+                if not firsts:  # nothing left waiting for this layer
+                    pending.pop(ctx.layer_idx - 1, None)
+                    if not pending:
+                        shared.pop("_pending")
                 self._merge(first, codec)
                 merged = shared.setdefault("merged_pairs", [])
                 if [ctx.layer_idx - 1, ctx.layer_idx] not in merged:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.compressor import CompressionContext, LayerView, Workspace
+from kvcompress.compressor import Codec, CompressionContext, LayerView, Workspace
 from kvcompress.errors import check_non_negative_int, check_positive_int
 from kvcompress.methods.hidden.packing import ResidualHidden
 from kvcompress.registry import register
@@ -41,8 +41,11 @@ from kvcompress.registry import register
 CHUNK = 32
 
 
-class PrunedKeyCodec:
+class PrunedKeyCodec(Codec):
     """Kept key channels ``(pairs, count, k)`` + their indices ``(pairs, k)`` (int16); values as they are."""
+
+    attends_directly = True
+    joinable = True
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, channels: torch.Tensor):
         self.dim = keys.shape[-1]
@@ -136,7 +139,7 @@ class Think(ResidualHidden):
     def encode_block(self, keys, values, rows, heads, ctx: CompressionContext) -> PrunedKeyCodec:
         chosen = ctx.state.get("channels")
         if chosen is None:  # no prefill observation (e.g. prompt fed with the cache paused): score this block
-            b, h = ctx.cache.layers[ctx.layer_idx].keys.shape[:2]
+            b, h = ctx.query.shape[0], ctx.num_kv_heads
             w = min(self.window, ctx.query.shape[2])
             k = keys.new_zeros((b, h, keys.shape[1], keys.shape[2]))
             valid = torch.zeros(b, h, keys.shape[1], dtype=torch.bool, device=keys.device)

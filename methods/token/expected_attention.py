@@ -30,7 +30,13 @@ import torch
 
 from kvcompress.compressor import CompressionContext, LayerView
 from kvcompress.errors import KVCompressError, check_positive_int
-from kvcompress.methods.token.scoring import ScoredTokenCompressor, group_reduce, needs_all_queries, query_validity
+from kvcompress.methods.token.scoring import (
+    ScoredTokenCompressor,
+    check_gqa,
+    group_reduce,
+    needs_all_queries,
+    query_validity,
+)
 from kvcompress.registry import register
 
 
@@ -65,7 +71,6 @@ class ExpectedAttention(ScoredTokenCompressor):
     name = "expected_attention"
     summary = "closed-form expected attention of future queries × ‖v‖, sinks"
     paper = "Expected Attention (kvpress)"
-    phases = ("prefill",)
 
     sink: int = 4
     n_future: int = 512
@@ -76,6 +81,7 @@ class ExpectedAttention(ScoredTokenCompressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_gqa(self.gqa)
         self._inv_freq: torch.Tensor | None = None
         check_positive_int(self.n_future, "n_future")
         if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float)) or self.epsilon < 0:

@@ -31,6 +31,7 @@ from kvcompress.errors import KVCompressError, check_positive_int
 from kvcompress.methods.token.scoring import (
     ScoredTokenCompressor,
     attention_mass,
+    check_gqa,
     from_rank_order,
     group_reduce,
     needs_all_queries,
@@ -47,7 +48,7 @@ class H2O(ScoredTokenCompressor):
     name = "h2o"
     summary = "accumulated attention (chunked, no S×S matrix) + recent; `phase=decode`"
     paper = "H2O (Zhang et al. 2023)"
-    decode_capable = True
+    decode_phase = "optional"
 
     recent: float = 0.5
     gqa: str = "mean"
@@ -56,6 +57,7 @@ class H2O(ScoredTokenCompressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_gqa(self.gqa)
         if isinstance(self.recent, bool) or not isinstance(self.recent, (int, float)) or not 0.0 <= self.recent <= 1.0:
             raise KVCompressError(f"recent={self.recent!r} is invalid; valid: a fraction of the budget in [0, 1]")
         check_positive_int(self.chunk, "chunk")

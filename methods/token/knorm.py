@@ -33,7 +33,6 @@ class KNorm(ScoredTokenCompressor):
     name = "knorm"
     summary = "lowest key norms"
     paper = "Devoto et al. 2024"
-    phases = ("prefill",)
 
     def score(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
         return -torch.linalg.vector_norm(view.keys.float(), dim=-1)

@@ -87,7 +87,6 @@ class LayerBudget(Compressor):
                 raise KVCompressError(f"ratios={self.ratios!r} is invalid; valid: a list of kept fractions in (0, 1], one per layer")
             self.ratios = [check_ratio(r, "ratios[]") for r in self.ratios]
         self._inner = make_compressor(self.scorer, **dict(self.scorer_params or {}))
-        self.phases = self._inner.phases
         self.query_window = self._inner.query_window
         self.cross_layer = self._inner.cross_layer
         self._per_layer: dict[int, Compressor] = {}

@@ -87,7 +87,7 @@ class Merge(Compressor):
             self._inner = self.scorer
         else:
             raise KVCompressError(f"scorer={self.scorer!r} is invalid; valid: one of {', '.join(SCORERS)} or a scorer instance")
-        if getattr(self._inner, "phase", "prefill") != "prefill":
+        if self._inner.active("decode"):
             raise KVCompressError("merge runs at prefill only; valid: a scorer with phase='prefill'")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not -1 <= self.threshold <= 1:
             raise KVCompressError(f"threshold={self.threshold!r} is invalid; valid: a cosine similarity in [-1, 1]")
@@ -95,7 +95,7 @@ class Merge(Compressor):
 
     @property
     def adaptive(self) -> bool:
-        return bool(getattr(self._inner, "adaptive", False))
+        return self._inner.adaptive
 
     def params(self) -> dict[str, Any]:
         out = super().params()

@@ -46,8 +46,7 @@ class PyramidKV(SnapKV):
     name = "pyramidkv"
     summary = "SnapKV scores, linearly decreasing per-layer budget"
     paper = "PyramidKV (Cai et al. 2024)"
-    decode_capable = False
-    phases = ("prefill",)
+    decode_phase = "never"  # per-layer budgets are a prefill decision (the inherited `phase` must stay "prefill")
 
     beta: float = 20.0
 

@@ -48,7 +48,6 @@ ALLOCATIONS = ("uniform", "adakv")
 GQA_REDUCTIONS = ("mean", "max")
 _MASKED = -1e30
 POOLINGS = ("max", "avg", "none")
-PHASES = ("prefill", "decode")
 #: the two ways to compress a prompt with a question (what a results row records)
 QUERY_MODES = ("query-aware", "question-agnostic")
 
@@ -237,15 +236,12 @@ def from_rank_order(state: torch.Tensor, view: LayerView) -> torch.Tensor:
 class ScoredTokenCompressor(Compressor):
     """Token-axis eviction by a per-entry score (see the module docstring for budgets, protection and allocation).
 
-    Subclasses implement :meth:`score`; decode-capable ones set ``decode_capable`` and implement
-    :meth:`decode_scores`. ``phase="decode"`` then holds every (row, head) at the size it had after the prefill (or at
+    Subclasses implement :meth:`score`; decode-capable ones set ``decode_phase = "optional"``, have a ``phase`` field
+    and implement :meth:`decode_scores`. ``phase="decode"`` then holds every (row, head) at the size it had after the prefill (or at
     ``budget`` when one is given, so a short prompt grows to it), evicting the lowest-scoring entries each step.
     """
 
     axis: ClassVar[Axis | None] = Axis.TOKEN
-    phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
-    #: whether ``phase="decode"`` is defined for the method
-    decode_capable: ClassVar[bool] = False
 
     ratio: float = 1.0
     budget: int | None = None
@@ -262,14 +258,6 @@ class ScoredTokenCompressor(Compressor):
             raise unknown_choice("allocation", self.allocation, ALLOCATIONS)
         if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0.0 <= self.floor <= 1.0:
             raise KVCompressError(f"floor={self.floor!r} is invalid; valid: a fraction of the head budget in [0, 1]")
-        phase = getattr(self, "phase", "prefill")
-        if phase not in PHASES:
-            raise unknown_choice("phase", phase, PHASES)
-        if phase == "decode" and not self.decode_capable:
-            raise KVCompressError(f"phase='decode' is not defined for {self.name}; valid: prefill")
-        gqa = getattr(self, "gqa", "mean")
-        if gqa not in GQA_REDUCTIONS:
-            raise unknown_choice("gqa", gqa, GQA_REDUCTIONS)
 
     # -- what subclasses provide ----------------------------------------------------------------------------
     def score(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
@@ -291,9 +279,6 @@ class ScoredTokenCompressor(Compressor):
         return self.allocation != "uniform"
 
     # -- selection ------------------------------------------------------------------------------------------
-    def active(self, phase: str) -> bool:
-        return phase == "prefill" or (phase == "decode" and getattr(self, "phase", "prefill") == "decode")
-
     def protect(self, view: LayerView, kept: torch.Tensor, ctx: CompressionContext | None = None) -> torch.Tensor:
         """Entries kept whatever their score (sinks, recent window), inside the budget."""
         return protected_mask(view, self.sink, self.window, kept)
@@ -308,7 +293,7 @@ class ScoredTokenCompressor(Compressor):
         if ctx.phase == "decode":
             return self._decode_select(view, ctx)
         kept = self.budgets(view, ctx)
-        decode = getattr(self, "phase", "prefill") == "decode"
+        decode = self.active("decode")
         if bool((kept >= view.counts).all()) and not decode:
             return view.valid  # nothing to drop (ratio=1, budget ≥ context): no scoring, bit-identical
         scores = self.score(view, ctx)
@@ -352,6 +337,12 @@ class ScoredTokenCompressor(Compressor):
 
     def after_decode(self, scores: torch.Tensor, view: LayerView, keep: torch.Tensor, ctx: CompressionContext) -> None:
         """Hook: re-index per-entry state to the kept entries."""
+
+
+def check_gqa(gqa: str) -> None:
+    """The reduction over a GQA group's query heads (``gqa`` parameter of the scorers that have one)."""
+    if gqa not in GQA_REDUCTIONS:
+        raise unknown_choice("gqa", gqa, GQA_REDUCTIONS)
 
 
 def uniform_value(x: torch.Tensor) -> int | None:

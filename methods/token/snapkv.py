@@ -54,6 +54,7 @@ from kvcompress.methods.token.scoring import (
     POOLINGS,
     ScoredTokenCompressor,
     attention_mass,
+    check_gqa,
     group_reduce,
     pool_scores,
     query_validity,
@@ -67,7 +68,7 @@ class SnapKV(ScoredTokenCompressor):
     name = "snapkv"
     summary = "observation-window attention, pooled; `phase=decode` re-scores every `interval` steps"
     paper = "SnapKV (Li et al. 2024)"
-    decode_capable = True
+    decode_phase = "optional"
 
     window: int = 32
     kernel: int = 7
@@ -78,6 +79,7 @@ class SnapKV(ScoredTokenCompressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_gqa(self.gqa)
         check_positive_int(self.window, "window")
         check_positive_int(self.interval, "interval")
         if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
@@ -137,7 +139,7 @@ class SnapKV(ScoredTokenCompressor):
         new_valid = torch.ones(ctx.query.shape[0], new, dtype=torch.bool, device=ctx.query.device)
         if q is None:  # the prefill ran paused: only the queries generated from now on are known
             q, qv = ctx.query, new_valid
-            fresh = torch.zeros(ctx.query.shape[0], ctx.cache.num_kv_heads, dtype=torch.long, device=ctx.query.device)
+            fresh = torch.zeros(ctx.query.shape[0], ctx.num_kv_heads, dtype=torch.long, device=ctx.query.device)
         else:
             q = torch.cat([q, ctx.query], dim=2)
             qv = torch.cat([qv, new_valid], dim=1)

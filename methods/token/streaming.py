@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress.compressor import Axis, CompressionContext, Compressor, LayerView
-from kvcompress.errors import KVCompressError, check_non_negative_int, unknown_choice
+from kvcompress.errors import KVCompressError, check_non_negative_int
 from kvcompress.methods.token.scoring import uniform_value
 from kvcompress.registry import register
 from kvcompress.selection import kept_counts, sink_and_recent_mask
@@ -43,7 +43,7 @@ class Streaming(Compressor):
     summary = "`sink` first tokens + recent window; `phase=decode` holds that size while generating"
     paper = "StreamingLLM (Xiao et al. 2024)"
     axis = Axis.TOKEN
-    phases = ("prefill", "decode")
+    decode_phase = "optional"
 
     ratio: float = 1.0
     budget: int | None = None
@@ -56,11 +56,6 @@ class Streaming(Compressor):
         check_non_negative_int(self.sink, "sink")
         if self.window is not None:
             check_non_negative_int(self.window, "window")
-        if self.phase not in ("prefill", "decode"):
-            raise unknown_choice("phase", self.phase, ("prefill", "decode"))
-
-    def active(self, phase: str) -> bool:
-        return phase == "prefill" or (phase == "decode" and self.phase == "decode")
 
     def select(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
         n = view.counts

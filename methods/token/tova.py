@@ -33,7 +33,7 @@ class TOVA(ScoredTokenCompressor):
     name = "tova"
     summary = "last query's head-averaged attention, one set per layer; `phase=decode`"
     paper = "TOVA (Oren et al. 2024)"
-    decode_capable = True
+    decode_phase = "optional"
 
     phase: str = "prefill"
 
