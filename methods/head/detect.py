@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from kvcompress.artifacts import config_hash
+from kvcompress.artifacts import text_config as _text_config
 from kvcompress.compat import cache_arg
-from kvcompress.methods.head.scores import FORMAT, FORMAT_VERSION, _text_config, config_hash
+from kvcompress.methods.head.scores import FORMAT, FORMAT_VERSION
 
 DEFAULT_LENGTHS = (512, 1024)
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)

@@ -25,45 +25,24 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from kvcompress import artifacts
+from kvcompress.artifacts import config_hash
 from kvcompress.errors import KVCompressError
 
 FORMAT = "kvcompress-head-scores"
 FORMAT_VERSION = 1
 
 #: config keys that do not describe the architecture (paths, dtype, runtime switches, generation defaults)
-VOLATILE_KEYS = frozenset(
-    {
-        "transformers_version", "architectures", "output_hidden_states", "output_attentions", "return_dict",
-        "dtype", "torch_dtype", "use_cache", "chunk_size_feed_forward", "id2label", "label2id", "problem_type",
-        "attn_implementation", "tie_word_embeddings_", "name_or_path",
-    }
-)
-
-
-def _text_config(config_or_model: Any) -> Any:
-    config = getattr(config_or_model, "config", config_or_model)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def config_hash(config_or_model: Any) -> str:
-    """16 hex digits identifying the model's architecture (the text config minus volatile keys)."""
-    cfg = _text_config(config_or_model).to_dict()
-    clean = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in VOLATILE_KEYS}
-    text = json.dumps(clean, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
-    """``$KVCOMPRESS_CACHE/heads`` (default ``~/.cache/kvcompress/heads``)."""
-    env = os.environ.get("KVCOMPRESS_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "kvcompress"
-    return root / "heads"
+    """``$KVCOMPRESS_CACHE/heads`` (:func:`kvcompress.artifacts.artifact_dir`)."""
+    return artifacts.artifact_dir("heads")
 
 
 def artifact_path(config_or_model: Any) -> Path:

@@ -34,45 +34,21 @@ from typing import Any
 
 import torch
 
+from kvcompress import artifacts
+from kvcompress.artifacts import attention_modules, config_hash, layer_fingerprint
+from kvcompress.artifacts import text_config as _text_config
 from kvcompress.compat import cache_arg
 from kvcompress.errors import KVCompressError
 
 DEFAULT_TOKENS = 1024
-_VOLATILE = {"transformers_version", "architectures", "_name_or_path", "name_or_path", "attn_implementation",
-             "_attn_implementation", "dtype", "torch_dtype", "use_cache", "return_dict", "output_attentions",
-             "output_hidden_states", "_commit_hash"}
-
 _LOCK = threading.RLock()
 _LOADED: dict[str, Bases] = {}
 _MODELS: dict[int, tuple[weakref.ref, Any]] = {}  # id(config) -> (model, tokenizer)
 
 
 def artifact_dir() -> Path:
-    env = os.environ.get("KVCOMPRESS_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "kvcompress"
-    return root / "lowrank"
-
-
-def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def config_hash(config: Any) -> str:
-    """A stable hash of the model's text config (runtime-only keys such as the attention implementation dropped)."""
-    d = {k: v for k, v in _text_config(config).to_dict().items() if k not in _VOLATILE and not k.startswith("_")}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and hasattr(m, "v_proj")]
-    return sorted(mods, key=lambda m: m.layer_idx)
-
-
-def layer_fingerprint(attention: torch.nn.Module) -> float:
-    """A cheap fingerprint of one attention layer's key/value projections."""
-    k, v = attention.k_proj.weight.detach().double(), attention.v_proj.weight.detach().double()
-    ramp = lambda w: torch.linspace(1.0, 2.0, w.numel(), dtype=torch.float64, device=w.device).view_as(w)  # noqa: E731
-    return float((k * ramp(k)).sum() + 3.0 * (v * ramp(v)).sum())
+    """``$KVCOMPRESS_CACHE/lowrank`` (:func:`kvcompress.artifacts.artifact_dir`)."""
+    return artifacts.artifact_dir("lowrank")
 
 
 def _source_tag(text: str | None, has_tokenizer: bool) -> str:
@@ -204,7 +180,7 @@ def calibrate(model: torch.nn.Module, tokenizer: Any = None, text: str | None = 
         ks.append(k), kes.append(e)
         v, e = _eigbasis(layer.values[0, :, : layer.length])
         vs.append(v), ves.append(e)
-    fps = [layer_fingerprint(m) for m in _attention_modules(model)]
+    fps = [layer_fingerprint(m) for m in attention_modules(model)]
     # computed where the model runs; kept on the CPU like a loaded artifact (moved per layer when used)
     bases = Bases(torch.stack(ks).cpu(), torch.stack(vs).cpu(), torch.stack(kes).cpu(), torch.stack(ves).cpu(), fps,
                   _source_tag(text, tokenizer is not None), int(ids.shape[1]))
@@ -223,7 +199,7 @@ def ensure_calibrated(model: torch.nn.Module, tokenizer: Any = None, text: str |
     with _LOCK:
         _register(model, tokenizer)
         path = artifact_path(model.config, text, tokenizer is not None)
-        mods = _attention_modules(model)
+        mods = attention_modules(model)
         bases = _try_load(path, mods[0] if mods else None)
         if bases is not None and all(bases.matches(m) for m in mods):
             return bases
