@@ -243,7 +243,7 @@ def test_heads_random_same_budget_and_seeded(cache_root) -> None:
 
 
 def test_adaptive_heads_distributes_layer_budget_with_floor(cache_root) -> None:
-    from kvcompress.methods.token.adaptive_heads import allocate
+    from kvcompress.methods.token.budgets import allocate
 
     assert allocate(40, [20, 20, 20, 20], [1.0, 0.0, 0.0, 0.0], 2) == [20, 7, 7, 6]
     assert sum(allocate(33, [50] * 3, [0.5, 0.3, 0.2], 1)) == 33

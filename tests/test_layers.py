@@ -17,7 +17,7 @@ import kvcompress
 from kvcompress.compat import cache_arg
 from kvcompress.errors import KVCompressError
 from kvcompress.methods.layer.layers import kept_layer_count
-from kvcompress.methods.token.layer_budget import schedule_ratios
+from kvcompress.methods.token.budgets import schedule_ratios
 from kvcompress.ragged import index_bytes
 from kvcompress.registry import available_methods
 

@@ -27,7 +27,7 @@ import kvcompress
 from kvcompress import KVCompressError
 from kvcompress.compat import cache_arg
 from kvcompress.compressor import CompressionContext, LayerView
-from kvcompress.methods.token.pyramidkv import pyramid_budget
+from kvcompress.methods.token.budgets import pyramid_budget
 from kvcompress.methods.token.scoring import attention_mass
 from kvcompress.ragged import index_bytes
 from kvcompress.registry import make_compressor
@@ -408,7 +408,7 @@ def test_errors_are_one_line_and_name_the_choices() -> None:
         make_compressor("snapkv", kernel=4)
     with pytest.raises(KVCompressError, match="unknown parameter 'phase' for method 'knorm'"):
         make_compressor("knorm", phase="decode")
-    with pytest.raises(KVCompressError, match="valid choices: adakv, uniform"):
+    with pytest.raises(KVCompressError, match="valid choices: adakv, scores, uniform"):
         make_compressor("knorm", allocation="x")
     with pytest.raises(KVCompressError, match="scorer 'random'"):
         make_compressor("merge", scorer="random")

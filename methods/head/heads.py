@@ -36,8 +36,9 @@ import torch
 
 from kvcompress.compressor import Axis, CompressionContext, Compressor, LayerView
 from kvcompress.errors import KVCompressError, check_non_negative_int
+from kvcompress.methods.token.reduced import check_reduced, reduced_mask
 from kvcompress.registry import register
-from kvcompress.selection import counter_hash, sink_and_recent_mask
+from kvcompress.selection import counter_hash
 
 #: prompt queries used by the per-prompt fallback score
 QUERY_WINDOW = 16
@@ -140,18 +141,21 @@ def resolve_scores(comp: Compressor, ctx: CompressionContext) -> dict | None:
 
 @dataclass
 class _HeadSplit(Compressor):
-    """Shared by ``heads`` and ``heads_random``: full heads keep everything, the others sink + recent."""
+    """Shared by ``heads`` and ``heads_random``: full heads keep everything, the others a reduced context of
+    ``sink + recent`` tokens (:mod:`kvcompress.methods.token.reduced`: the window by default)."""
 
     axis = Axis.HEAD
 
     ratio: float = 1.0
     sink: int = 4
     recent: int = 32
+    reduced: str = "window"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_non_negative_int(self.sink, "sink")
         check_non_negative_int(self.recent, "recent")
+        check_reduced(self.reduced)
 
     def full_heads(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
         raise NotImplementedError
@@ -171,9 +175,8 @@ class _HeadSplit(Compressor):
         full = self.full_heads(view, ctx)  # (batch, kv_heads) bool
         if bool(full.all()):
             return view.valid
-        n = view.counts
-        windowed = sink_and_recent_mask(view, self.sink, torch.minimum(n, torch.full_like(n, self.sink + self.recent)))
-        return torch.where(full.unsqueeze(-1), view.valid, windowed)
+        reduced = reduced_mask(view, ctx, self.reduced, self.sink, self.recent)
+        return torch.where(full.unsqueeze(-1), view.valid, reduced)
 
 
 @register

@@ -39,8 +39,9 @@ import torch
 
 from kvcompress.compressor import Axis, CompressionContext, Compressor, LayerView
 from kvcompress.errors import check_non_negative_int, check_positive_int, unknown_choice
+from kvcompress.methods.token.reduced import WINDOW, check_reduced, query_window, reduced_mask
 from kvcompress.registry import register
-from kvcompress.selection import counter_hash, sink_and_recent_mask
+from kvcompress.selection import counter_hash
 
 SCORES = ("lazy", "cosine", "first", "last", "every_k", "random")
 
@@ -79,6 +80,7 @@ class Layers(Compressor):
     window: int | None = None
     lazy_queries: int = 1
     seed: int = 0
+    reduced: str = "window"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +90,8 @@ class Layers(Compressor):
         if self.window is not None:
             check_non_negative_int(self.window, "window")
         check_positive_int(self.lazy_queries, "lazy_queries")
+        check_reduced(self.reduced)
+        self.query_window = query_window(self.reduced)  # a token method in the dropped layers needs its queries
 
     def prefill_cost(self, config, n: int) -> dict:
         """For the latency model: no layer skips its K/V projection (memory-only saving); the scoring FLOPs added to
@@ -175,10 +179,14 @@ class Layers(Compressor):
         full = torch.tensor([ctx.layer_idx in kept[r] for r in range(b)], dtype=torch.bool, device=view.valid.device)
         if bool(full.all()):
             return view.valid
-        return torch.where(full.view(b, 1, 1), view.valid, self.window_mask(view))
+        reduced = reduced_mask(view, ctx, self.reduced, self.sink, self.recent_tokens(view))
+        return torch.where(full.view(b, 1, 1), view.valid, reduced)
+
+    def recent_tokens(self, view: LayerView) -> torch.Tensor:
+        """The recent part of a dropped layer's budget per (row, head): ``window``, or ``min(1024, n // 8)``."""
+        n = view.counts
+        return torch.clamp(n // 8, max=1024) if self.window is None else torch.full_like(n, self.window)
 
     def window_mask(self, view: LayerView) -> torch.Tensor:
-        """What a dropped layer keeps: the first ``sink`` and the last ``window`` real tokens of each (row, head)."""
-        n = view.counts
-        window = torch.clamp(n // 8, max=1024) if self.window is None else torch.full_like(n, self.window)
-        return sink_and_recent_mask(view, self.sink, torch.minimum(n, self.sink + window))
+        """The sink + recent window of each (row, head): what lazy layers attend to (SimLayerKV's test)."""
+        return reduced_mask(view, None, WINDOW, self.sink, self.recent_tokens(view))

@@ -1,10 +1,12 @@
-"""``layer_budget`` — per-layer kept fractions for any token scorer (PyramidKV / SqueezeAttention-style allocations).
+"""``layer_budget`` — per-layer kept fractions for any token method (a preset of the token budgets).
 
 PyramidKV: Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling",
 arXiv 2406.02069. SqueezeAttention: Wang et al., arXiv 2404.04793 (per-layer budgets driving any sequence policy).
 
-Wraps the registered token-axis method ``scorer`` (default ``"snapkv"``, so the defaults are PyramidKV; any token
-method with a ratio: ``random``, ``streaming``, ``knorm``, ``h2o``, …), giving layer ``l`` the kept fraction ``r_l``:
+Runs the registered token method ``scorer`` (default ``"snapkv"``; any token method: ``random``, ``streaming``,
+``knorm``, ``h2o``, …) with ``layer_allocation`` set from ``schedule`` / ``ratios`` (the strategy itself lives in
+:mod:`kvcompress.methods.token.budgets`; ``method=knorm method.knorm.layer_allocation=pyramid`` is the same thing),
+giving layer ``l`` the kept fraction ``r_l``:
 
 * ``schedule="pyramid"`` (default) — PyramidKV's linear schedule in ratio form: weights fall linearly from
   ``2 − 1/beta`` (layer 0) to ``1/beta`` (last layer), ``beta=20`` as in PyramidKV; mean weight 1.
@@ -23,7 +25,6 @@ the scorer. Recorded in ``cache.shared["layer_budget"]``: ``layer_ratios`` (the 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,29 +32,10 @@ import torch
 
 from kvcompress.compressor import Axis, CompressionContext, Compressor, LayerView
 from kvcompress.errors import KVCompressError, check_ratio, unknown_choice
+from kvcompress.methods.token.budgets import TokenCompressor
 from kvcompress.registry import get_method, make_compressor, register
 
 SCHEDULES = ("pyramid", "inverse_pyramid", "uniform")
-
-
-def schedule_ratios(schedule: str, ratio: float, num_layers: int, beta: float = 20.0) -> list[float]:
-    """Per-layer kept fractions with mean ``ratio`` (each in (0, 1])."""
-    L = num_layers
-    if schedule == "uniform" or L == 1:
-        return [ratio] * L
-    top, bottom = 2.0 - 1.0 / beta, 1.0 / beta
-    weights = [top - l * (top - bottom) / (L - 1) for l in range(L)]
-    if schedule == "inverse_pyramid":
-        weights = weights[::-1]
-    target = ratio * L
-    lo, hi = 0.0, 1.0 / min(weights)  # at hi every layer saturates at 1 (mean 1 >= ratio)
-    for _ in range(200):  # bisection on the scale c: mean(min(1, c·w)) is continuous and increasing
-        mid = (lo + hi) / 2
-        if sum(min(1.0, mid * w) for w in weights) < target:
-            lo = mid
-        else:
-            hi = mid
-    return [min(1.0, hi * w) for w in weights]
 
 
 @register
@@ -73,53 +55,49 @@ class LayerBudget(Compressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.scorer == self.name:
-            raise KVCompressError("scorer='layer_budget' is invalid; valid: a registered token-axis method")
-        cls = get_method(self.scorer)
-        if cls.axis is not Axis.TOKEN or "ratio" not in {f.name for f in dataclasses.fields(cls)}:
-            raise KVCompressError(f"scorer={self.scorer!r} is not a token-axis method with a ratio; valid: a token scorer such as random, streaming")
         if self.schedule not in SCHEDULES:
             raise unknown_choice("schedule", self.schedule, SCHEDULES)
+        if self.scorer == self.name or not issubclass(get_method(self.scorer), TokenCompressor):
+            raise KVCompressError(f"scorer={self.scorer!r} is not a token-axis method with a ratio; valid: a token "
+                                  "scorer such as random, streaming")
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1:
             raise KVCompressError(f"beta={self.beta!r} is invalid; valid: a number >= 1")
         if self.ratios is not None:
             if isinstance(self.ratios, (str, bytes)) or not hasattr(self.ratios, "__len__") or len(self.ratios) == 0:
-                raise KVCompressError(f"ratios={self.ratios!r} is invalid; valid: a list of kept fractions in (0, 1], one per layer")
+                raise KVCompressError(f"ratios={self.ratios!r} is invalid; valid: a list of kept fractions in (0, 1], "
+                                      "one per layer")
             self.ratios = [check_ratio(r, "ratios[]") for r in self.ratios]
-        self._inner = make_compressor(self.scorer, **dict(self.scorer_params or {}))
+        allocation = "list" if self.ratios is not None else self.schedule
+        params = {**(self.scorer_params or {}), "ratio": self.ratio, "layer_allocation": allocation,
+                  "layer_ratios": self.ratios, "beta": self.beta}
+        self._inner = make_compressor(self.scorer, **params)
         self.query_window = self._inner.query_window
         self.cross_layer = self._inner.cross_layer
-        self._per_layer: dict[int, Compressor] = {}
 
     @property
     def adaptive(self) -> bool:
         """True when layers keep different fractions (the shared matrix then skips its per-layer count check)."""
         return self.ratios is not None or self.schedule != "uniform"
 
-    def params(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def layer_ratios(self, num_layers: int) -> list[float]:
-        if self.ratios is not None:
-            if len(self.ratios) != num_layers:
-                raise KVCompressError(f"ratios has {len(self.ratios)} entries; valid: one per layer ({num_layers})")
-            return list(self.ratios)
-        return schedule_ratios(self.schedule, self.ratio, num_layers, self.beta)
-
-    def _scorer_for(self, ctx: CompressionContext) -> Compressor:
-        inner = self._per_layer.get(ctx.layer_idx)
-        if inner is None:
-            ratios = self.layer_ratios(ctx.num_layers)
-            ctx.shared["layer_ratios"] = ratios
-            ctx.shared["prefill_saving"] = "memory-only"
-            inner = self._per_layer[ctx.layer_idx] = dataclasses.replace(self._inner, ratio=ratios[ctx.layer_idx])
-        return inner
-
+    # -- everything else is the scorer's, with its per-layer ratios ------------------------------------------------
     def active(self, phase: str) -> bool:
         return self._inner.active(phase)
 
+    def prepare(self, model: torch.nn.Module, tokenizer: Any = None) -> str | None:
+        return self._inner.prepare(model, tokenizer)
+
     def observe(self, view: LayerView, ctx: CompressionContext) -> None:
-        self._scorer_for(ctx).observe(view, ctx)
+        self._inner.observe(view, ctx)
 
     def select(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
-        return self._scorer_for(ctx).select(view, ctx)
+        return self._inner.select(view, ctx)
+
+    def decode_step(self, ctx: CompressionContext) -> bool:
+        return self._inner.decode_step(ctx)
+
+    def decode_target(self, ctx: CompressionContext) -> int | None:
+        return self._inner.decode_target(ctx)
+
+    def prefill_cost(self, config: Any, n: int) -> dict[str, Any]:
+        return self._inner.prefill_cost(config, n)
+

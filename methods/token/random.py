@@ -13,24 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.compressor import Axis, CompressionContext, Compressor, LayerView
+from kvcompress.compressor import CompressionContext, LayerView
+from kvcompress.methods.token.budgets import TokenCompressor
 from kvcompress.registry import register
-from kvcompress.selection import counter_hash, kept_counts, topk_mask
+from kvcompress.selection import counter_hash, topk_mask
 
 
 @register
 @dataclass
-class Random(Compressor):
+class Random(TokenCompressor):
     name = "random"
     summary = "a seeded uniform random subset per head (control)"
     paper = "—"
-    axis = Axis.TOKEN
 
-    ratio: float = 1.0
-    budget: int | None = None
     seed: int = 0
 
     def select(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
         heads = torch.arange(view.valid.shape[1], device=view.valid.device).view(1, -1, 1)
         scores = counter_hash(self.seed, ctx.layer_idx, heads, view.rank())
-        return topk_mask(scores, kept_counts(view.counts, self.ratio, self.budget), view.valid)
+        return topk_mask(scores, self.budgets(view, ctx), view.valid)

@@ -7,11 +7,12 @@ A scorer subclasses :class:`ScoredTokenCompressor` and implements ``score(view, 
   ``min(budget, n)``; a budget larger than the context keeps everything (scoring is then skipped).
 * **Protected entries** (``sink`` first tokens, ``window`` most recent ones) count inside the budget. If the budget is
   smaller than ``sink + window`` the sinks go first, then the newest tokens.
-* **Head allocation**: ``allocation="uniform"`` keeps the budget in every KV head; ``allocation="adakv"`` (Feng et
-  al., AdaKV, arXiv 2407.11550) keeps the same *total* per row and layer but takes the global top scores over the
-  layer's KV heads, with a safeguard: each head first keeps its top ``floor·budget`` (α = 0.2 as in AdaKV). The cache
-  stores the resulting per-head counts ragged (real savings, exact ``kept_bytes``). Scores must then be comparable
-  across heads, which holds for attention probabilities and key norms.
+* **Allocation** (:mod:`kvcompress.methods.token.budgets`): ``layer_allocation`` spreads the budget over the layers;
+  ``allocation="uniform"`` keeps the budget in every KV head, ``"adakv"`` (Feng et al., AdaKV, arXiv 2407.11550)
+  keeps the same *total* per row and layer but takes the global top scores over the layer's KV heads, with a
+  safeguard: each head first keeps its top ``floor·budget`` (α = 0.2 as in AdaKV) — scores must then be comparable
+  across heads, which holds for attention probabilities and key norms; ``"scores"`` gives heads budgets in
+  proportion to head scores. The cache stores per-head counts ragged (real savings, exact ``kept_bytes``).
 * **Ratio or budget**, not both: a budget with a ratio other than the default is rejected at construction.
 * **Ties**: among entries with equal scores the lowest position (the row's earliest token) is kept first, for every
   scorer here (:func:`~kvcompress.compressor.topk_mask` is a stable descending sort over entries in position order);
@@ -34,17 +35,17 @@ uncompressed (kvpress's default), prefill the context, then feed the question wi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kvcompress.compat import cache_arg
-from kvcompress.compressor import Axis, CompressionContext, Compressor, LayerView
+from kvcompress.compressor import CompressionContext, Compressor, LayerView
 from kvcompress.errors import KVCompressError, check_non_negative_int, unknown_choice
-from kvcompress.selection import kept_counts, topk_mask
+from kvcompress.methods.token.budgets import HEAD_ALLOCATIONS, TokenCompressor, adakv_select, head_score_budgets
+from kvcompress.selection import topk_mask
 
-ALLOCATIONS = ("uniform", "adakv")
 GQA_REDUCTIONS = ("mean", "max")
 _MASKED = -1e30
 POOLINGS = ("max", "avg", "none")
@@ -180,21 +181,6 @@ def uniform_select(scores: torch.Tensor, view: LayerView, kept: torch.Tensor, pr
     return protect | torch.zeros_like(chosen).scatter_(-1, order, chosen)
 
 
-def adakv_select(
-    scores: torch.Tensor, view: LayerView, kept: torch.Tensor, protect: torch.Tensor, floor: float
-) -> torch.Tensor:
-    """AdaKV: each row keeps ``Σ_h kept[b, h]`` entries over its KV heads, chosen by the global top scores of the
-    layer, after each head's protected entries and its own top ``⌊floor·kept⌋`` (the safeguard)."""
-    b, h, n = scores.shape
-    safe = torch.floor(kept.double() * floor).long()
-    rest = (safe - protect.sum(-1)).clamp(min=0)
-    guaranteed = protect | topk_mask(scores, rest, view.valid & ~protect)
-    s = scores.float().masked_fill(guaranteed, float("inf"))
-    total = kept.sum(-1, keepdim=True)  # (b, 1)
-    chosen = topk_mask(s.reshape(b, 1, h * n), total, view.valid.reshape(b, 1, h * n))
-    return chosen.view(b, h, n)
-
-
 def to_rank_order(values: torch.Tensor, mask: torch.Tensor, view: LayerView | None = None,
                   width: int | None = None) -> torch.Tensor:
     """Compact ``values`` ``(batch, heads, n)`` to the entries of ``mask``, in position order: ``(batch, heads,
@@ -233,31 +219,43 @@ def from_rank_order(state: torch.Tensor, view: LayerView) -> torch.Tensor:
 
 
 @dataclass
-class ScoredTokenCompressor(Compressor):
+class ScoredTokenCompressor(TokenCompressor):
     """Token-axis eviction by a per-entry score (see the module docstring for budgets, protection and allocation).
 
     Subclasses implement :meth:`score`; decode-capable ones set ``decode_phase = "optional"``, have a ``phase`` field
-    and implement :meth:`decode_scores`. ``phase="decode"`` then holds every (row, head) at the size it had after the prefill (or at
-    ``budget`` when one is given, so a short prompt grows to it), evicting the lowest-scoring entries each step.
+    and implement :meth:`decode_scores`. ``phase="decode"`` then holds every (row, head) at the size it had after the
+    prefill (or at ``budget`` when one is given, so a short prompt grows to it), evicting the lowest-scoring entries
+    each step. Budgets follow :mod:`kvcompress.methods.token.budgets` (``layer_allocation`` across layers,
+    ``allocation`` across the KV heads of a row; ``scores`` names the head scores of ``allocation="scores"``).
     """
 
-    axis: ClassVar[Axis | None] = Axis.TOKEN
-
-    ratio: float = 1.0
-    budget: int | None = None
     sink: int = 0
     window: int = 0
     allocation: str = "uniform"
     floor: float = 0.2
+    scores: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_non_negative_int(self.sink, "sink")
         check_non_negative_int(self.window, "window")
-        if self.allocation not in ALLOCATIONS:
-            raise unknown_choice("allocation", self.allocation, ALLOCATIONS)
+        if self.allocation not in HEAD_ALLOCATIONS:
+            raise unknown_choice("allocation", self.allocation, HEAD_ALLOCATIONS)
         if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0.0 <= self.floor <= 1.0:
             raise KVCompressError(f"floor={self.floor!r} is invalid; valid: a fraction of the head budget in [0, 1]")
+        if not isinstance(self.scores, str) or not self.scores:
+            raise KVCompressError(f"scores={self.scores!r} is invalid; valid: auto, prompt, or a path to a head-score "
+                                  "artifact")
+
+    def prepare(self, model: torch.nn.Module, tokenizer: Any = None) -> str | None:
+        if self.allocation != "scores":
+            return None
+        from kvcompress.methods.head.heads import prepare_scores
+
+        return prepare_scores(self.scores, model, tokenizer)
+
+    def protected_window(self) -> int:
+        return self.window
 
     # -- what subclasses provide ----------------------------------------------------------------------------
     def score(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
@@ -270,13 +268,33 @@ class ScoredTokenCompressor(Compressor):
         raise NotImplementedError
 
     def budgets(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
-        """Entries to keep per (row, KV head) at prefill."""
-        return kept_counts(view.counts, self.ratio, self.budget)
+        """Entries to keep per (row, KV head) at the prefill: the layer's budget, spread over the heads by their
+        scores with ``allocation="scores"`` (AdaKV's spread happens at selection, in :meth:`choose`)."""
+        per_head = super().budgets(view, ctx)
+        if self.allocation != "scores" or bool((per_head >= view.counts).all()):
+            return per_head
+        return head_score_budgets(per_head, view.counts, self.head_weights(view, ctx), self.floor)
+
+    def head_weights(self, view: LayerView, ctx: CompressionContext) -> torch.Tensor:
+        """``(batch, kv_heads)`` non-negative head weights for ``allocation="scores"``: the model's head-score
+        artifact (its primary score, the other one for a layer where it is all zero), or without one each row's
+        out-of-window attention mass of its last prompt queries."""
+        from kvcompress.methods.head.heads import out_of_window_mass, resolve_scores
+
+        b, h = view.valid.shape[:2]
+        data = resolve_scores(self, ctx)
+        if data is None:
+            return out_of_window_mass(view, ctx, self.sink, self.window)
+        other = "mass" if data["primary"] == "retrieval" else "retrieval"
+        row = data[data["primary"] + "_kv"][ctx.layer_idx]
+        if sum(row) <= 0:
+            row = data[other + "_kv"][ctx.layer_idx]
+        return torch.tensor(row, dtype=torch.float64, device=view.valid.device).unsqueeze(0).expand(b, h)
 
     @property
     def adaptive(self) -> bool:
-        """True when kept counts may differ from the uniform per-head budget (AdaKV allocation, per-layer budgets)."""
-        return self.allocation != "uniform"
+        """True when kept counts may differ from the uniform per-head budget (per-head or per-layer allocation)."""
+        return self.allocation != "uniform" or super().adaptive
 
     # -- selection ------------------------------------------------------------------------------------------
     def protect(self, view: LayerView, kept: torch.Tensor, ctx: CompressionContext | None = None) -> torch.Tensor:

@@ -29,24 +29,22 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.compressor import Axis, CompressionContext, Compressor, LayerView
+from kvcompress.compressor import CompressionContext, LayerView
 from kvcompress.errors import KVCompressError, check_non_negative_int
+from kvcompress.methods.token.budgets import TokenCompressor
 from kvcompress.methods.token.scoring import uniform_value
 from kvcompress.registry import register
-from kvcompress.selection import kept_counts, sink_and_recent_mask
+from kvcompress.selection import sink_and_recent_mask
 
 
 @register
 @dataclass
-class Streaming(Compressor):
+class Streaming(TokenCompressor):
     name = "streaming"
     summary = "`sink` first tokens + recent window; `phase=decode` holds that size while generating"
     paper = "StreamingLLM (Xiao et al. 2024)"
-    axis = Axis.TOKEN
     decode_phase = "optional"
 
-    ratio: float = 1.0
-    budget: int | None = None
     sink: int = 4
     window: int | None = None
     phase: str = "prefill"
@@ -70,7 +68,7 @@ class Streaming(Compressor):
             self.check_window(n)
             kept = torch.minimum(n, torch.full_like(n, self.sink + self.window))
         else:
-            kept = torch.maximum(kept_counts(n, self.ratio, self.budget), torch.minimum(n, torch.full_like(n, self.sink)))
+            kept = torch.maximum(self.budgets(view, ctx), torch.minimum(n, torch.full_like(n, self.sink)))
         if self.phase == "decode":
             # the size to hold while generating (counted as cache metadata): fixed, or the prefill size with a ratio
             fixed = self.sink + self.window if self.window is not None else self.budget
