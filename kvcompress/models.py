@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .api import check_architecture
 from .errors import KVCompressError, unknown_choice
@@ -30,28 +30,35 @@ class LoadedModel:
     note: str = ""
 
 
+def random_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, sharpen: float = 1.0,
+                 **config: Any) -> torch.nn.Module:
+    """A random-init causal LM of architecture ``arch`` (``AutoConfig.for_model(arch, **config)``, special tokens
+    0/1/2), initialised from ``seed`` without disturbing the global RNG, sdpa attention, in eval mode. ``sharpen``
+    scales the output embeddings: random init gives near-uniform logits, so tests that compare greedy tokens sharpen
+    them to keep decoding far from ties. The one definition of a random model, used by ``model=tiny-random``, the
+    bench and the tests."""
+    config = AutoConfig.for_model(arch, **{"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **config})
+    config._attn_implementation = "sdpa"
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
+    finally:
+        torch.random.set_rng_state(state)
+    if sharpen != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(sharpen)
+    return model
+
+
+#: ``model=tiny-random``: a 4-layer Llama (hidden 256, 8 query / 2 KV heads, head_dim 32)
+TINY_RANDOM = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=2, head_dim=32, max_position_embeddings=16384, tie_word_embeddings=True)
+
+
 def _tiny_random(dtype: torch.dtype) -> LoadedModel:
-    """A 4-layer Llama (hidden 256, 8 query / 2 KV heads, head_dim 32), random init with a fixed seed."""
-    config = LlamaConfig(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=16384,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(1234)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
-    torch.random.set_rng_state(generator_state)
     return LoadedModel(
-        model.eval(),
+        random_model("llama", seed=1234, dtype=dtype, **TINY_RANDOM),
         None,
         "tiny-random",
         random_init=True,

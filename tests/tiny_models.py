@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+
+from kvcompress.models import random_model
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 
@@ -31,14 +32,9 @@ _EXTRA = {
 
 @functools.lru_cache(maxsize=None)
 def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
-    config = AutoConfig.for_model(arch, **_COMMON, **_EXTRA.get(arch, {}))
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    # Random init gives near-uniform logits; sharpen them so greedy decoding is far from ties.
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)
-    return model
+    """A tiny random model of ``arch`` (kvcompress.models.random_model), logits sharpened so greedy decoding is far
+    from ties."""
+    return random_model(arch, seed=seed, sharpen=8.0, **_COMMON, **_EXTRA.get(arch, {}))
 
 
 def prompts(lengths: tuple[int, ...] = (37, 64, 23), seed: int = 1, vocab: int = 256) -> list[torch.Tensor]:
