@@ -1,6 +1,6 @@
 """Fidelity to the full cache: how much a compressed cache changes what the same model generates.
 
-For each sample (a seeded prompt of ``context`` tokens):
+For each sample (a seeded prompt of ``context`` random token ids):
 
 * ``token_agreement`` — fraction of the ``new_tokens`` greedy tokens generated with the compressed cache that equal
   those generated with the full cache (free-running, so one divergence can carry on);
@@ -8,23 +8,17 @@ For each sample (a seeded prompt of ``context`` tokens):
   cache's next-token argmax equals the full cache's, and ``KL(p_full || p_compressed)`` in nats.
 
 These measure the cache, not the model: they are meaningful for any model, random-init ones included, but they are
-not task accuracy.
+not task accuracy. :class:`FidelityTask` runs on :mod:`kvcompress.eval.loop` with ``compare_to_full``: the loop also
+generates with the full cache and teacher-forces both caches; the memory block is the teacher-forced cache's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from tqdm import tqdm
-from transformers import DynamicCache
 
-from kvcompress.distributed import gather, is_main_process, shard
-
-from ..compat import cache_arg
-
-CacheFactory = Callable[[], Any]
+from .loop import Outcome, Sample, Task, evaluate
 
 
 def _prompt(vocab_size: int, length: int, seed: int) -> torch.Tensor:
@@ -32,48 +26,49 @@ def _prompt(vocab_size: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(3, vocab_size, (1, length), generator=g, device="cpu")
 
 
-@torch.no_grad()
-def _continuation_logits(model: torch.nn.Module, prompt: torch.Tensor, tokens: list[int], cache: Any) -> torch.Tensor:
-    """Next-token logits after the prompt and after each of ``tokens[:-1]`` (teacher forcing), one step at a time."""
-    out = model(prompt, **cache_arg(cache), logits_to_keep=1)
-    logits = [out.logits[0, -1].float()]
-    for tok in tokens[:-1]:
-        out = model(torch.tensor([[tok]], device=prompt.device), **cache_arg(cache))
-        logits.append(out.logits[0, -1].float())
-    return torch.stack(logits)
+class FidelityTask(Task):
+    """``eval=fidelity``: ``context`` prompt tokens, ``new_tokens`` generated, ``samples`` prompts (seed·1000 + i).
+    Sample metadata: ``index``."""
+
+    name = "fidelity"
+    compare_to_full = True
+
+    def __init__(self, cfg: Any, seed: int = 0, model: torch.nn.Module | None = None):
+        self.context, self.new_tokens, self.num_samples = int(cfg.context), int(cfg.new_tokens), int(cfg.samples)
+        self.vocab = model.config.get_text_config().vocab_size
+        self.seed = seed
+
+    def samples(self) -> list[Sample]:
+        return [Sample(input_ids=_prompt(self.vocab, self.context, self.seed * 1000 + i)[0].tolist(),
+                       new_tokens=self.new_tokens, meta={"index": i}) for i in range(self.num_samples)]
+
+    def score(self, sample: Sample, outcome: Outcome) -> dict[str, float]:
+        ref = outcome.reference_tokens
+        agreement = sum(a == b for a, b in zip(outcome.tokens, ref)) / len(ref)
+        top1 = (outcome.logits.argmax(-1) == outcome.reference_logits.argmax(-1)).float().mean().item()
+        log_p, log_q = torch.log_softmax(outcome.reference_logits, -1), torch.log_softmax(outcome.logits, -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+        return {"token_agreement": agreement, "top1_agreement": top1, "kl": kl}
+
+    def summarise(self, samples: list[Sample], records: list[dict[str, Any]]) -> dict[str, Any]:
+        n = self.num_samples
+        return {
+            "task": "fidelity",
+            "samples": n,
+            "context": self.context,
+            "new_tokens": self.new_tokens,
+            "token_agreement": sum(r["token_agreement"] for r in records) / n,
+            "top1_agreement": sum(r["top1_agreement"] for r in records) / n,
+            "kl": sum(r["kl"] for r in records) / n,
+        }
 
 
-@torch.no_grad()
-def run(model: torch.nn.Module, make_cache: CacheFactory, cfg: Any, seed: int = 0, tokenizer: Any = None) -> dict[str, Any]:
-    """Returns the accuracy block and the cache of the first sample (for its memory report). Samples are split
-    across processes under ``accelerate launch`` and gathered back in order."""
-    context, new_tokens, samples = int(cfg.context), int(cfg.new_tokens), int(cfg.samples)
-    vocab = model.config.get_text_config().vocab_size
-    device = next(model.parameters()).device
-    local, first_cache = [], None
-    for i in tqdm(shard(range(samples)), desc="fidelity", leave=False, disable=not is_main_process()):
-        prompt = _prompt(vocab, context, seed * 1000 + i).to(device)
-        full = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, **cache_arg(DynamicCache()))
-        ref_tokens = full[0, context:].tolist()
-        cache = make_cache()
-        ours = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, **cache_arg(cache))
-        our_tokens = ours[0, context:].tolist()
-        agreement = sum(a == b for a, b in zip(our_tokens, ref_tokens)) / len(ref_tokens)
-        ref_logits = _continuation_logits(model, prompt, ref_tokens, DynamicCache())
-        cache = make_cache()
-        our_logits = _continuation_logits(model, prompt, ref_tokens, cache)
-        first_cache = first_cache or cache
-        top1 = (our_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
-        log_p, log_q = torch.log_softmax(ref_logits, -1), torch.log_softmax(our_logits, -1)
-        local.append((agreement, top1, (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()))
-    token_agree, top1s, kls = zip(*gather(local, samples))
-    return {
-        "task": "fidelity",
-        "samples": samples,
-        "context": context,
-        "new_tokens": new_tokens,
-        "token_agreement": sum(token_agree) / samples,
-        "top1_agreement": sum(top1s) / samples,
-        "kl": sum(kls) / samples,
-        "_cache": first_cache,
-    }
+def task(cfg: Any, *, seed: int = 0, tokenizer: Any = None, model: torch.nn.Module | None = None) -> FidelityTask:
+    """The evaluation of an ``eval=fidelity`` config (the ``kvcompress.run`` protocol)."""
+    return FidelityTask(cfg, seed, model)
+
+
+def run(model: torch.nn.Module, make_cache: Any, cfg: Any, seed: int = 0, tokenizer: Any = None) -> dict[str, Any]:
+    """The accuracy block of :class:`FidelityTask` (samples split across processes under ``accelerate launch`` and
+    gathered back in order)."""
+    return evaluate(model, FidelityTask(cfg, seed, model), make_cache, tokenizer=tokenizer).accuracy

@@ -5,7 +5,7 @@ Protocol data below follow THUDM/LongBench (``LongBench/config/dataset2prompt.js
 Context Understanding"). The prompt wording is benchmark protocol data and is kept verbatim, including the
 narrativeqa typo "asconcisely", so scores stay comparable with published ones.
 
-Pipeline per sample (``run``):
+Pipeline per sample (:class:`LongBenchTask` on :mod:`kvcompress.eval.loop`):
 
 1. **Data**: ``<data_dir>/<task>.jsonl`` in the official layout (one JSON object per line with ``input``,
    ``context``, ``answers``, ``length``, ``dataset``, ``language``, ``all_classes``, ``_id``; the files of the
@@ -32,7 +32,8 @@ Pipeline per sample (``run``):
 ``query_aware`` (default true): the whole prompt, question included, is prefilled and compressed at once (as the
 SnapKV/PyramidKV papers evaluate). With ``false``, the part of the prompt up to the end of ``{context}`` is
 prefilled and compressed first; the rest of the template (repeated instruction, question, answer cue, and the chat
-template's closing tokens) is then appended uncompressed, so the compressor cannot see what will be asked. For
+template's closing tokens) is then appended uncompressed (the loop's question-agnostic split), so the compressor
+cannot see what will be asked. For
 tasks without ``{input}`` (summaries, passage_count, lcc) the suffix is only the repeated instruction. If
 truncation cut into that suffix (a suffix longer than ``max_len // 2`` tokens), the sample falls back to
 query-aware and is counted in ``query_aware_fallbacks``.
@@ -46,12 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from ..compat import cache_arg
-from ..distributed import gather, is_main_process, shard
 from ..errors import KVCompressError, unknown_choice
 from . import longbench_metrics as M
+from .loop import Outcome, Sample, Task, evaluate, option
 
 # -- protocol data (THUDM/LongBench config/dataset2prompt.json) -------------------------------------------------
 _PASSAGES_QA = (
@@ -379,87 +377,93 @@ def length_bucket(length: Any) -> str:
 
 
 # -- entry point ------------------------------------------------------------------------------------------------
-def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
-    """Evaluation entry point (``kvcompress.run`` protocol): LongBench task scores (× 100) and their average.
+class LongBenchTask(Task):
+    """``eval=longbench`` on the evaluation loop: LongBench task scores (× 100) and their average.
 
-    ``cfg`` keys: ``tasks`` (list; ``all``, ``en`` or ``e`` for LongBench-E), ``data_dir`` (required offline), ``hub_id``, ``max_len``
-    (3500), ``samples`` (per task; null = all), ``chat_template`` (auto), ``query_aware`` (true),
-    ``max_new_tokens`` (null = official per task). Returns ``<task>`` scores, ``average``, counts, and ``_cache``
-    (the first sample's cache, for the memory report); under ``accelerate launch`` samples are split across
-    processes and gathered in order, so the scores equal a single-process run's;
-    LongBench-E tasks add ``<task>@0-4k`` / ``@4-8k`` / ``@8k+`` (buckets with no rows are left out).
+    ``cfg`` keys: ``tasks`` (list; ``all``, ``en`` or ``e`` for LongBench-E), ``data_dir`` (required offline),
+    ``hub_id``, ``max_len`` (3500), ``samples`` (per task; null = all), ``chat_template`` (auto), ``query_aware``
+    (true), ``max_new_tokens`` (null = official per task). Data and prompts are built (and a prompt over the model's
+    position limit rejected) before any generation. Sample metadata: ``task``, ``bucket`` (length bucket),
+    ``truncated``.
+
+    Accuracy block: ``<task>`` scores, ``average``, ``samples``, ``truncated`` and, question-agnostic,
+    ``query_aware_fallbacks``; LongBench-E tasks add ``<task>@0-4k`` / ``@4-8k`` / ``@8k+`` (buckets with no rows
+    are left out).
     """
-    import torch
 
-    if tokenizer is None:
-        raise KVCompressError("the LongBench evaluation needs the model's tokenizer (this model has none)")
+    name = "longbench"
 
-    def get(key, default):
-        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-        return default if value is None else value
+    def __init__(self, cfg, tokenizer=None, model=None):
+        if tokenizer is None:
+            raise KVCompressError("the LongBench evaluation needs the model's tokenizer (this model has none)")
+        validate(cfg)
+        self.tokenizer = tokenizer
+        self.tasks = check_tasks(option(cfg, "tasks", "en"))
+        self.data_dir = option(cfg, "data_dir", None)
+        self.hub_id = str(option(cfg, "hub_id", DEFAULT_HUB_ID))
+        self.max_len = int(option(cfg, "max_len", DEFAULT_MAX_LEN))
+        self.limit = option(cfg, "samples", None)
+        self.chat = option(cfg, "chat_template", "auto")
+        self.query_aware = bool(option(cfg, "query_aware", True))
+        self.fixed_new = option(cfg, "max_new_tokens", None)
+        config = getattr(model, "config", None)
+        self.pos_limit = getattr(config.get_text_config(), "max_position_embeddings", None) if config else None
 
-    validate(cfg)
-    tasks = check_tasks(get("tasks", "en"))
-    data_dir = get("data_dir", None)
-    hub_id = str(get("hub_id", DEFAULT_HUB_ID))
-    max_len = int(get("max_len", DEFAULT_MAX_LEN))
-    limit = get("samples", None)
-    chat = get("chat_template", "auto")
-    query_aware = bool(get("query_aware", True))
-    fixed_new = get("max_new_tokens", None)
-    pos_limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    data = {t: load_task(t, data_dir, hub_id) for t in tasks}  # fail on missing data before any computation
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    items = [(t, row) for t in tasks for row in (data[t][: int(limit)] if limit else data[t])]
-    local: list[tuple[str, float, str, bool, bool]] = []  # (task, score, length bucket, truncated, fell back)
-    first_cache = None
-    with torch.no_grad():
-        for task, row in tqdm(shard(items), desc="longbench", leave=False, disable=not is_main_process()):
+    def samples(self) -> list[Sample]:
+        data = {t: load_task(t, self.data_dir, self.hub_id) for t in self.tasks}  # missing data fails first
+        out = []
+        for task in self.tasks:
             base = base_task(task)
-            new_tokens = int(fixed_new) if fixed_new else MAX_NEW_TOKENS[base]
-            p = build_prompt(task, row, tokenizer, max_len, chat)
-            if pos_limit is not None and len(p.input_ids) + new_tokens > pos_limit:
-                raise KVCompressError(
-                    f"LongBench {task} prompt of {len(p.input_ids)} tokens (+{new_tokens} new) exceeds the model's "
-                    f"limit of {pos_limit} positions; valid: a smaller max_len"
-                )
-            ids = torch.tensor([p.input_ids], device=device)
-            cache = make_cache()
-            first_cache = first_cache or cache
-            fell_back = False
-            if not query_aware:
-                if p.boundary is None or p.boundary <= 0 or p.boundary >= ids.shape[1]:
-                    fell_back = True
-                else:
-                    model(ids[:, : p.boundary], **cache_arg(cache))
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), **cache_arg(cache), do_sample=False,
-                max_new_tokens=new_tokens, min_new_tokens=1 if base == "samsum" else None,
-                eos_token_id=stop_token_ids(task, tokenizer), pad_token_id=pad_id,
-            )
-            pred = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-            score = M.score_sample(
-                METRIC[base], pred, list(row["answers"]), row.get("all_classes"),
-                first_line_only=base in M.FIRST_LINE_TASKS,
-            )
-            local.append((task, score, length_bucket(row.get("length")), p.truncated, fell_back))
-    done = gather(local, len(items))  # under accelerate launch: every process's samples, in order
-    result: dict[str, Any] = {"task": "longbench", "max_len": max_len, "query_aware": query_aware}
-    scores = {t: _percent([s for task, s, *_ in done if task == t]) for t in tasks}
-    result.update(scores)
-    result["average"] = sum(scores.values()) / max(1, len(scores))
-    for t in (t for t in tasks if t in E_TASKS):
-        for bucket in ("0-4k", "4-8k", "8k+"):
-            cell = [s for task, s, b, *_ in done if task == t and b == bucket]
-            if cell:
-                result[f"{t}@{bucket}"] = _percent(cell)
-    result["samples"] = len(done)
-    result["truncated"] = sum(1 for *_, trunc, _ in done if trunc)
-    if not query_aware:
-        result["query_aware_fallbacks"] = sum(1 for *_, fb in done if fb)
-    result["_cache"] = first_cache
-    return result
+            new_tokens = int(self.fixed_new) if self.fixed_new else MAX_NEW_TOKENS[base]
+            for row in data[task][: int(self.limit)] if self.limit else data[task]:
+                p = build_prompt(task, row, self.tokenizer, self.max_len, self.chat)
+                if self.pos_limit is not None and len(p.input_ids) + new_tokens > self.pos_limit:
+                    raise KVCompressError(
+                        f"LongBench {task} prompt of {len(p.input_ids)} tokens (+{new_tokens} new) exceeds the "
+                        f"model's limit of {self.pos_limit} positions; valid: a smaller max_len"
+                    )
+                out.append(Sample(
+                    input_ids=p.input_ids, question_start=p.boundary, new_tokens=new_tokens,
+                    reference=(list(row["answers"]), row.get("all_classes")), stop=stop_token_ids(task, self.tokenizer),
+                    min_new_tokens=1 if base == "samsum" else None,
+                    meta={"task": task, "bucket": length_bucket(row.get("length")), "truncated": p.truncated},
+                ))
+        return out
+
+    def score(self, sample: Sample, outcome: Outcome) -> dict:
+        base = base_task(sample.meta["task"])
+        answers, classes = sample.reference
+        return {"score": M.score_sample(METRIC[base], outcome.text, answers, classes,
+                                        first_line_only=base in M.FIRST_LINE_TASKS)}
+
+    def summarise(self, samples: list[Sample], records: list[dict]) -> dict:
+        done = [(r["meta"]["task"], r["score"], r["meta"]["bucket"], r["meta"]["truncated"], r.get("fell_back", False))
+                for r in records]
+        result: dict[str, Any] = {"task": "longbench", "max_len": self.max_len, "query_aware": self.query_aware}
+        scores = {t: _percent([s for task, s, *_ in done if task == t]) for t in self.tasks}
+        result.update(scores)
+        result["average"] = sum(scores.values()) / max(1, len(scores))
+        for t in (t for t in self.tasks if t in E_TASKS):
+            for bucket in ("0-4k", "4-8k", "8k+"):
+                cell = [s for task, s, b, *_ in done if task == t and b == bucket]
+                if cell:
+                    result[f"{t}@{bucket}"] = _percent(cell)
+        result["samples"] = len(done)
+        result["truncated"] = sum(1 for *_, trunc, _ in done if trunc)
+        if not self.query_aware:
+            result["query_aware_fallbacks"] = sum(1 for *_, fb in done if fb)
+        return result
+
+
+def task(cfg, *, seed: int = 0, tokenizer=None, model=None) -> LongBenchTask:
+    """The evaluation of an ``eval=longbench`` config (the ``kvcompress.run`` protocol)."""
+    return LongBenchTask(cfg, tokenizer, model)
+
+
+def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
+    """The accuracy block of :class:`LongBenchTask` on ``model``; under ``accelerate launch`` samples are split
+    across processes and gathered in order, so the scores equal a single-process run's."""
+    return evaluate(model, LongBenchTask(cfg, tokenizer, model), make_cache, tokenizer=tokenizer).accuracy
 
 
 def _percent(scores: list[float]) -> float:

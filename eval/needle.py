@@ -27,9 +27,11 @@ case-folded, every character that is not a letter or digit becomes a space, the 
 score is the clipped unigram overlap (multiset intersection) divided by the number of reference unigrams. Retrieval
 Head papers report it (×100) for the Kamradt needle, where a paraphrased answer still earns partial credit.
 
-:func:`run` reports both metrics overall, per length and per depth, the length × depth ``grid`` (exact match; and
-``grid_rouge1_recall``) in the results row, and with ``heatmap: PATH`` writes the classic heatmap PNG
-(:func:`write_heatmap`).
+:class:`NeedleTask` is the evaluation on :mod:`kvcompress.eval.loop` (``eval=needle``): it generates exactly
+``new_tokens`` tokens per sample — the answer's tokens + 1, enough to see that the answer does not run on (the old
+per-script loops disagreed: answer + 1 here, answer + 2 in the testbed check and two benchmarks). It reports both
+metrics overall, per length and per depth, the length × depth ``grid`` (exact match; and ``grid_rouge1_recall``) in
+the results row, and with ``heatmap: PATH`` writes the classic heatmap PNG (:func:`write_heatmap`).
 """
 
 from __future__ import annotations
@@ -40,12 +42,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
-from kvcompress.distributed import gather, is_main_process, shard
-
-from ..compat import cache_arg
 from . import haystack as _haystack
+from .loop import Outcome, Sample, Task, evaluate, option
 
 #: Needle keys: concrete nouns absent from the Python docs (a key is also skipped if it appears in the haystack).
 KEY_WORDS: tuple[str, ...] = tuple(
@@ -111,7 +109,8 @@ class NeedleSample:
     distractor_values: list[str] = field(default_factory=list)
     distractor_char_spans: list[tuple[int, int]] = field(default_factory=list)
     actual_depth: float = 0.0  # needle start token / prompt tokens
-    max_new_tokens: int = 16  # answer tokens + 2 (run() generates answer tokens + 1)
+    new_tokens: int = 15  # tokens every needle evaluation generates: the answer's + 1 (to see it does not run on)
+    max_new_tokens: int = 16  # answer tokens + 2: head detection's probe length (one decode step fewer); not generated
     seed: int = 0
     index: int = 0  # sample index within its (length, depth) cell
 
@@ -384,68 +383,76 @@ def _one_sample(tokenizer, sent_len, tpl, template, length, depth, index, seed, 
         distractor_values=values[1:],
         distractor_char_spans=distractor_spans,
         actual_depth=needle_tok[0] / max(1, len(ids)),
+        new_tokens=answer_tokens + 1,
         max_new_tokens=answer_tokens + 2,
         seed=seed,
         index=index,
     )
 
 
-def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
-    """Evaluation entry point (``kvcompress.run`` protocol): needle exact match through ``model.generate``.
+class NeedleTask(Task):
+    """``eval=needle`` on the evaluation loop.
 
     ``cfg`` keys (all optional): ``lengths`` (default [1024]), ``depths`` (default 0, 0.1, …, 1), ``template``
     (``magic_number``), ``num_distractors`` (template default), ``samples`` (per length × depth cell, 1),
     ``value_digits`` (7), ``haystack`` (template default), ``new_tokens`` (default: answer tokens + 1),
     ``query_aware`` (True: the prompt with its question is compressed at prefill, as SnapKV/PyramidKV papers do;
     False: the context alone is prefilled and compressed, then the question is appended uncompressed, as kvpress
-    does by default — harder, since the compressor cannot see what will be asked).
-    ``heatmap`` (None, or a PNG path: the length × depth exact-match heatmap is written there).
-    Returns flat metrics: ``exact_match`` and ``rouge1_recall`` overall, ``<metric>@<length>`` per length,
-    ``<metric>@d<depth>`` per depth; ``grid`` / ``grid_rouge1_recall`` (``{"<length>": {"<depth>": score}}``,
-    scores in [0, 1]); ``heatmap`` (the PNG's path, when asked); plus ``_cache`` (the first sample's cache, for the
-    memory report).
+    does by default — harder, since the compressor cannot see what will be asked; the question is what follows
+    the prompt's last newline). ``heatmap`` (None, or a PNG path: the length × depth exact-match heatmap is written
+    there). Sample metadata: ``length``, ``depth``, ``tokens`` (prompt tokens), ``answer``.
+
+    Accuracy block: ``exact_match`` and ``rouge1_recall`` overall, ``<metric>@<length>`` per length,
+    ``<metric>@d<depth>`` per depth; ``grid`` / ``grid_rouge1_recall`` (``{"<length>": {"<depth>": score}}``, scores
+    in [0, 1]); ``heatmap`` (the PNG's path, when asked).
     """
-    import torch
 
-    if tokenizer is None:
-        raise ValueError("the needle evaluation needs the model's tokenizer (model has none)")
+    name = "needle"
 
-    def get(key, default):
-        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-        return default if value is None else value
+    def __init__(self, cfg, seed: int = 0, tokenizer=None):
+        if tokenizer is None:
+            raise ValueError("the needle evaluation needs the model's tokenizer (model has none)")
+        self.tokenizer, self.seed = tokenizer, seed
+        self.lengths = [int(x) for x in option(cfg, "lengths", [1024])]
+        self.depths = [float(x) for x in option(cfg, "depths", [i / 10 for i in range(11)])]
+        self.template = str(option(cfg, "template", "magic_number"))
+        self.num_distractors = option(cfg, "num_distractors", None)
+        self.haystack = option(cfg, "haystack", None)
+        self.num_samples = int(option(cfg, "samples", 1))
+        self.value_digits = int(option(cfg, "value_digits", 7))
+        self.new_tokens = option(cfg, "new_tokens", None)
+        self.query_aware = bool(option(cfg, "query_aware", True))
+        self.heatmap = option(cfg, "heatmap", None)
 
-    lengths = [int(x) for x in get("lengths", [1024])]
-    depths = [float(x) for x in get("depths", [i / 10 for i in range(11)])]
-    template = str(get("template", "magic_number"))
-    samples = make_needle_samples(
-        tokenizer, lengths, depths, template=template, num_distractors=get("num_distractors", None),
-        haystack=get("haystack", None), seed=seed, num_samples=int(get("samples", 1)),
-        value_digits=int(get("value_digits", 7)),
-    )
-    device = next(model.parameters()).device
-    fixed_new = get("new_tokens", None)
-    query_aware = bool(get("query_aware", True))
-    local: list[tuple[int, float, float, float]] = []  # (length, depth, exact match, rouge-1 recall)
-    first_cache = None
-    with torch.no_grad():
-        for s in tqdm(shard(samples), desc="needle", leave=False, disable=not is_main_process()):
-            enc = tokenizer(s.prompt, return_tensors="pt").to(device)
-            cache = make_cache()
-            first_cache = first_cache or cache
-            if not query_aware:  # compress the context alone; generate() then appends the question uncompressed
-                boundary = s.prompt.rindex("\n") + 1  # the question follows the last newline
-                offsets = tokenizer(s.prompt, return_offsets_mapping=True)["offset_mapping"]
-                question_start = next(i for i, (a, b) in enumerate(offsets) if b > a and a >= boundary)
-                model(enc["input_ids"][:, :question_start], **cache_arg(cache))
-            out = model.generate(
-                **enc, **cache_arg(cache), do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                max_new_tokens=int(fixed_new) if fixed_new else s.max_new_tokens - 1,
-            )
-            pred = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            em, r1 = score_exact_match(pred, s.answer), score_rouge1_recall(pred, s.answer)
-            local.append((s.context_length, s.depth, em, r1))
-    hits = gather(local, len(samples))  # under accelerate launch: every process's samples, in order
-    return _summarise(hits, lengths, depths, template, query_aware, get("heatmap", None), first_cache)
+    def samples(self) -> list[Sample]:
+        needles = make_needle_samples(
+            self.tokenizer, self.lengths, self.depths, template=self.template, num_distractors=self.num_distractors,
+            haystack=self.haystack, seed=self.seed, num_samples=self.num_samples, value_digits=self.value_digits,
+        )
+        return [
+            Sample(prompt=s.prompt, question_start=s.prompt.rindex("\n") + 1,
+                   new_tokens=int(self.new_tokens) if self.new_tokens else s.new_tokens, reference=s.answer,
+                   meta={"length": s.context_length, "depth": s.depth, "tokens": s.num_tokens, "answer": s.answer})
+            for s in needles
+        ]
+
+    def score(self, sample: Sample, outcome: Outcome) -> dict:
+        return {"exact_match": score_exact_match(outcome.text, sample.reference),
+                "rouge1_recall": score_rouge1_recall(outcome.text, sample.reference)}
+
+    def summarise(self, samples: list[Sample], records: list[dict]) -> dict:
+        hits = [(r["meta"]["length"], r["meta"]["depth"], r["exact_match"], r["rouge1_recall"]) for r in records]
+        return _summarise(hits, self.lengths, self.depths, self.template, self.query_aware, self.heatmap)
+
+
+def task(cfg, *, seed: int = 0, tokenizer=None, model=None) -> NeedleTask:
+    """The evaluation of an ``eval=needle`` config (the ``kvcompress.run`` protocol)."""
+    return NeedleTask(cfg, seed, tokenizer)
+
+
+def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
+    """The accuracy block of :class:`NeedleTask` on ``model`` with a fresh cache from ``make_cache`` per sample."""
+    return evaluate(model, NeedleTask(cfg, seed, tokenizer), make_cache, tokenizer=tokenizer).accuracy
 
 
 def _mean(xs) -> float:
@@ -453,7 +460,7 @@ def _mean(xs) -> float:
     return sum(xs) / max(1, len(xs))
 
 
-def _summarise(hits, lengths, depths, template, query_aware, heatmap, cache) -> dict:
+def _summarise(hits, lengths, depths, template, query_aware, heatmap) -> dict:
     """The accuracy block: metrics overall / per length / per depth, the length × depth grids, the heatmap file."""
     result: dict = {"task": "needle", "template": template, "samples": len(hits), "query_aware": query_aware}
     for col, metric in ((2, "exact_match"), (3, "rouge1_recall")):
@@ -470,5 +477,4 @@ def _summarise(hits, lengths, depths, template, query_aware, heatmap, cache) -> 
         result["heatmap"] = write_heatmap(
             result["grid"], heatmap, title=f"needle ({template}) exact match", metric="exact match"
         )
-    result["_cache"] = cache
     return result

@@ -61,13 +61,9 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
-from kvcompress.distributed import gather, is_main_process, shard
-
-from ..compat import cache_arg
 from ..errors import KVCompressError, unknown_choice
 from . import haystack as _haystack
+from .loop import Outcome, Sample, Task, evaluate, option
 from .needle import _digit_groups
 
 NUMBER_DIGITS = 7
@@ -504,15 +500,10 @@ def make_ruler_samples(
     return out
 
 
-def _cfg_get(cfg, key, default):
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    return default if value is None else value
-
-
 def validate(cfg) -> list[str]:
     """Check an eval config without loading anything (task names, answer_prefix, lengths, samples); one-line
     :class:`KVCompressError` on bad input. Returns the task list. A caller can run it before loading the model."""
-    tasks = _cfg_get(cfg, "tasks", list(TASKS))
+    tasks = option(cfg, "tasks", list(TASKS))
     tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
     tasks = [t for t in tasks if t]
     if not tasks:
@@ -520,93 +511,103 @@ def validate(cfg) -> list[str]:
     for t in tasks:
         if t not in TASKS:
             raise unknown_choice("ruler task", t, TASKS)
-    prefix = str(_cfg_get(cfg, "answer_prefix", "ruler"))
+    prefix = str(option(cfg, "answer_prefix", "ruler"))
     if prefix not in ANSWER_PREFIXES:
         raise unknown_choice("ruler answer_prefix", prefix, ANSWER_PREFIXES)
     for key in ("lengths",):
-        if any(int(x) < 1 for x in _cfg_get(cfg, key, [1024])):
+        if any(int(x) < 1 for x in option(cfg, key, [1024])):
             raise KVCompressError(f"ruler: {key} must be positive token counts")
-    if int(_cfg_get(cfg, "samples", 1)) < 1:
+    if int(option(cfg, "samples", 1)) < 1:
         raise KVCompressError("ruler: samples must be an integer >= 1")
     return tasks
 
 
-def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
-    """Evaluation entry point (``kvcompress.run`` protocol): RULER-style tasks through ``model.generate``.
+class RulerTask(Task):
+    """``eval=ruler`` on the evaluation loop.
 
     ``cfg`` keys (all optional): ``tasks`` (default: all of ``TASKS``), ``lengths`` ([1024]; prompt + max new
     tokens), ``samples`` (per task and length, 1), ``query_aware`` (True: the prompt with its question is compressed
     at prefill; False: the context alone is prefilled and compressed, then question + answer prefix are appended
     uncompressed), ``answer_prefix`` (``ruler`` | ``lead_in``), ``haystack`` (essay source; default the built-in
-    ``pydoc`` corpus), ``new_tokens`` (override every task's max new tokens).
+    ``pydoc`` corpus), ``new_tokens`` (override every task's max new tokens). Each sample generates its task's max
+    new tokens. Sample metadata: ``task``, ``length``.
 
-    Returns ``<task>`` (its RULER metric, ×100) and ``<task>@<length>``, ``average`` (mean over tasks, ×100) and
-    ``average@<length>``, ``<task>.string_match_part``, ``samples``, and ``_cache`` (the first sample's cache).
+    Accuracy block: ``<task>`` (its RULER metric, ×100) and ``<task>@<length>``, ``average`` (mean over tasks, ×100)
+    and ``average@<length>``, ``<task>.string_match_part``, ``samples``.
     """
-    import torch
 
-    if tokenizer is None:
-        raise ValueError("the RULER evaluation needs the model's tokenizer (model has none)")
+    name = "ruler"
 
-    def get(key, default):
-        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-        return default if value is None else value
+    def __init__(self, cfg, seed: int = 0, tokenizer=None):
+        if tokenizer is None:
+            raise ValueError("the RULER evaluation needs the model's tokenizer (model has none)")
+        self.tasks = validate(cfg)
+        self.tokenizer, self.seed = tokenizer, seed
+        self.lengths = [int(x) for x in option(cfg, "lengths", [1024])]
+        self.query_aware = bool(option(cfg, "query_aware", True))
+        self.answer_prefix = str(option(cfg, "answer_prefix", "ruler"))
+        self.num_samples = int(option(cfg, "samples", 1))
+        self.haystack = option(cfg, "haystack", None)
+        self.new_tokens = option(cfg, "new_tokens", None)
+        self.ruler_samples: list[RulerSample] = []
 
-    tasks = validate(cfg)
-    lengths = [int(x) for x in get("lengths", [1024])]
-    query_aware = bool(get("query_aware", True))
-    answer_prefix = str(get("answer_prefix", "ruler"))
-    samples = make_ruler_samples(
-        tokenizer, tasks, lengths, num_samples=int(get("samples", 1)), seed=seed, answer_prefix=answer_prefix,
-        haystack=get("haystack", None), max_new_tokens=get("new_tokens", None),
-    )
-    device = next(model.parameters()).device
-    local: list[str] = []
-    first_cache = None
-    eos = tokenizer.eos_token_id
-    with torch.no_grad():
-        for s in tqdm(shard(samples), desc="ruler", leave=False, disable=not is_main_process()):
-            enc = tokenizer(s.prompt, return_tensors="pt").to(device)
-            cache = make_cache()
-            first_cache = first_cache or cache
-            if not query_aware:
-                offsets = tokenizer(s.prompt, return_offsets_mapping=True)["offset_mapping"]
-                q = next(i for i, (a, b) in enumerate(offsets) if b > a and a >= s.question_start)
-                model(enc["input_ids"][:, :q], **cache_arg(cache))
-            out = model.generate(
-                **enc, **cache_arg(cache), do_sample=False, max_new_tokens=s.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-            )
-            local.append(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
-    preds = gather(local, len(samples))  # under accelerate launch: every process's predictions, in order
-    result: dict = {
-        "task": "ruler", "samples": len(samples), "query_aware": query_aware, "answer_prefix": answer_prefix,
-    }
-    per_task: dict[str, float] = {}
-    per_length: dict[str, float] = {}
-    part: dict[str, float] = {}
-    for task in tasks:
-        idx = [i for i, s in enumerate(samples) if s.task == task]
-        metric = METRICS[TASKS[task].metric]
-        task_preds, task_refs = [preds[i] for i in idx], [samples[i].outputs for i in idx]
-        per_task[task] = metric(task_preds, task_refs)
-        part[f"{task}.string_match_part"] = string_match_part(task_preds, task_refs)
-        for length in lengths:
-            li = [i for i in idx if samples[i].context_length == length]
-            per_length[f"{task}@{length}"] = metric([preds[i] for i in li], [samples[i].outputs for i in li])
-    result["average"] = sum(per_task.values()) / max(1, len(per_task))
-    result.update(per_task)
-    for length in lengths:
-        result[f"average@{length}"] = sum(per_length[f"{t}@{length}"] for t in tasks) / max(1, len(tasks))
-    result.update(per_length)
-    result.update(part)
-    result["_cache"] = first_cache
-    return result
+    def samples(self) -> list[Sample]:
+        self.ruler_samples = make_ruler_samples(
+            self.tokenizer, self.tasks, self.lengths, num_samples=self.num_samples, seed=self.seed,
+            answer_prefix=self.answer_prefix, haystack=self.haystack, max_new_tokens=self.new_tokens,
+        )
+        return [
+            Sample(prompt=s.prompt, question_start=s.question_start, new_tokens=s.max_new_tokens, reference=s.outputs,
+                   meta={"task": s.task, "length": s.context_length})
+            for s in self.ruler_samples
+        ]
+
+    def score(self, sample: Sample, outcome: Outcome) -> dict:
+        refs = [sample.reference]
+        return {"all": string_match_all([outcome.text], refs) / 100.0,
+                "part": string_match_part([outcome.text], refs) / 100.0}
+
+    def summarise(self, samples: list[Sample], records: list[dict]) -> dict:
+        preds = [r["prediction"] for r in records]
+        result: dict = {
+            "task": "ruler", "samples": len(samples), "query_aware": self.query_aware,
+            "answer_prefix": self.answer_prefix,
+        }
+        per_task: dict[str, float] = {}
+        per_length: dict[str, float] = {}
+        part: dict[str, float] = {}
+        for task in self.tasks:
+            idx = [i for i, s in enumerate(samples) if s.meta["task"] == task]
+            metric = METRICS[TASKS[task].metric]
+            task_preds, task_refs = [preds[i] for i in idx], [samples[i].reference for i in idx]
+            per_task[task] = metric(task_preds, task_refs)
+            part[f"{task}.string_match_part"] = string_match_part(task_preds, task_refs)
+            for length in self.lengths:
+                li = [i for i in idx if samples[i].meta["length"] == length]
+                per_length[f"{task}@{length}"] = metric([preds[i] for i in li], [samples[i].reference for i in li])
+        result["average"] = sum(per_task.values()) / max(1, len(per_task))
+        result.update(per_task)
+        for length in self.lengths:
+            result[f"average@{length}"] = sum(per_length[f"{t}@{length}"] for t in self.tasks) / max(1, len(self.tasks))
+        result.update(per_length)
+        result.update(part)
+        return result
+
+
+def task(cfg, *, seed: int = 0, tokenizer=None, model=None) -> RulerTask:
+    """The evaluation of an ``eval=ruler`` config (the ``kvcompress.run`` protocol)."""
+    return RulerTask(cfg, seed, tokenizer)
+
+
+def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
+    """The accuracy block of :class:`RulerTask` on ``model`` with a fresh cache from ``make_cache`` per sample."""
+    return evaluate(model, RulerTask(cfg, seed, tokenizer), make_cache, tokenizer=tokenizer).accuracy
 
 
 __all__ = [
     "TASKS",
     "RulerSample",
+    "RulerTask",
     "make_ruler_samples",
     "run",
     "validate",

@@ -22,7 +22,7 @@ from .cache import KVCompressCache
 from .layer import _ACTIVE, active_layer
 from .compressor import AXIS_ORDER, Compressor
 from .errors import KVCompressError, check_positive_int, check_ratio, check_ratio_or_budget, unknown_choice
-from .registry import make_compressor
+from .registry import BASELINE, make_compressor
 
 ATTENTION_NAME = "kvcompress"
 
@@ -143,8 +143,9 @@ def build_pipeline(
         extra = sorted(params)[0]
         raise KVCompressError(f"parameters given for {extra!r}, which is not in method={'+'.join(map(str, items))}")
     names = [c.name for c in compressors]
-    if "full" in names and len(compressors) > 1:
-        raise KVCompressError(f"method={'+'.join(names)} composes 'full'; 'full' keeps everything, drop it from the list")
+    if BASELINE in names and len(compressors) > 1:
+        raise KVCompressError(f"method={'+'.join(names)} composes {BASELINE!r}; {BASELINE!r} keeps everything, drop it "
+                              "from the list")
     seen: dict[Any, str] = {}
     for comp in compressors:
         if comp.axis is None:
@@ -169,7 +170,7 @@ def _fields_of(name: str) -> set[str]:
 
 def compress(
     model: torch.nn.Module,
-    method: MethodSpec = "full",
+    method: MethodSpec = BASELINE,
     ratio: float | None = None,
     *,
     budget: int | None = None,

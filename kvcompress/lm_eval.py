@@ -64,6 +64,7 @@ import kvcompress
 
 from .api import build_pipeline, prepare
 from .errors import KVCompressError
+from .registry import BASELINE
 
 MODEL_NAME = "kvcompress"
 
@@ -74,7 +75,7 @@ class KVCompressLM(HFLM):
     def __init__(
         self,
         pretrained: Any,
-        method: str = "full",
+        method: str = BASELINE,
         ratio: float | None = None,
         budget: int | None = None,
         params: dict[str, dict[str, Any]] | None = None,

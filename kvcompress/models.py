@@ -31,18 +31,19 @@ class LoadedModel:
 
 
 def random_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, sharpen: float = 1.0,
-                 **config: Any) -> torch.nn.Module:
+                 device: torch.device | str | None = None, **config: Any) -> torch.nn.Module:
     """A random-init causal LM of architecture ``arch`` (``AutoConfig.for_model(arch, **config)``, special tokens
     0/1/2), initialised from ``seed`` without disturbing the global RNG, sdpa attention, in eval mode. ``sharpen``
     scales the output embeddings: random init gives near-uniform logits, so tests that compare greedy tokens sharpen
-    them to keep decoding far from ties. The one definition of a random model, used by ``model=tiny-random``, the
-    bench and the tests."""
+    them to keep decoding far from ties. ``device``: built there directly (no host copy of a large model). The one
+    definition of a random model, used by ``model=tiny-random``, the bench and the tests."""
     config = AutoConfig.for_model(arch, **{"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **config})
     config._attn_implementation = "sdpa"
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
+        with torch.device(device if device is not None else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
     finally:
         torch.random.set_rng_state(state)
     if sharpen != 1.0:

@@ -17,6 +17,8 @@ from .compressor import Axis, Compressor
 from .errors import KVCompressError, check_ratio_or_budget, unknown_choice
 
 REGISTRY: dict[str, type[Compressor]] = {}
+#: the uncompressed baseline's name (``methods/full.py``), for runners that need a default
+BASELINE = "full"
 #: fields every runner sets itself (top-level ``ratio=`` / ``budget=``), left out of a method's own configuration
 SIZE_FIELDS = ("ratio", "budget")
 _discovered = False

@@ -9,8 +9,9 @@ dataclass), ``model`` and ``eval`` (one YAML file per option under ``configs/``)
     python -m kvcompress.run method=streaming method.streaming.sink=8 results=out/rows.jsonl
     python -m kvcompress.run method=h2o budget=128                     # tokens kept instead of a ratio (not both)
 
-Each evaluated configuration appends one JSON row: the resolved config, the memory block, the accuracy block and
-provenance. Bad input stops the run with a one-line ``error:`` before any computation; rows already in the
+Each evaluated configuration appends one typed row (:class:`kvcompress.results.Row`): the resolved config, the memory
+block, the accuracy block, one record per sample and provenance; the evaluation runs on the one loop of
+:mod:`kvcompress.eval.loop`. Bad input stops the run with a one-line ``error:`` before any computation; rows already in the
 results file are never rewritten.
 """
 
@@ -19,17 +20,14 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-import yaml
 from hydra.core.config_store import ConfigStore
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 import kvcompress
@@ -37,11 +35,11 @@ import kvcompress
 from .api import build_pipeline, prepare
 from .distributed import is_main_process
 from .errors import KVCompressError, unknown_choice
+from .eval.loop import evaluate
 from .latency import latency_block
-from .latency.profile import describe_prefill_saving
 from .models import load_model
 from .registry import available_methods, method_defaults
-from .results import append_row, check_writable, provenance, read_rows
+from .results import Row, append_row, check_writable, provenance, read_rows
 
 CONFIG_DIR = Path(importlib.import_module("kvcompress.configs").__file__).parent
 GROUPS = ("method", "model", "eval")
@@ -69,41 +67,10 @@ store_method_configs()
 
 def preflight(argv: list[str]) -> list[str]:
     """Validate command-line overrides with one-line errors before Hydra sees them; rewrite ``method=a+b``."""
-    top_keys = set(yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())) - {"defaults"}
-    out = []
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            out.append(arg)
-            continue
-        key, _, value = arg.partition("=")
-        if key.lstrip("+~") == "method" and "+" in value and "[" not in value:
-            # a+b -> [a,b] (Hydra's multi-select); in a sweep a+b,c -> [a,b],[c]
-            if "," in value:
-                value = ",".join(f"[{part.replace('+', ',')}]" for part in value.split(","))
-            else:
-                value = f"[{value.replace('+', ',')}]"
-            arg = f"{key}={value}"
-        out.append(arg)
-    try:
-        overrides = OverridesParser.create().parse_overrides([a for a in out if not a.startswith("-") and "=" in a])
-    except HydraException as err:
-        raise KVCompressError(f"cannot parse overrides: {str(err).splitlines()[0]}") from None
-    for ov in overrides:
-        key = ov.key_or_group
-        top = key.split(".")[0].split("/")[0]
-        if top == "hydra" or ov.is_add() or ov.is_delete():
-            continue
-        if key in GROUPS:
-            values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else ov.value()
-            values = values if isinstance(values, list) else [values]
-            for value in values:
-                for name in re.split(r"[\[\],\s]+", str(value)):
-                    if name and name not in group_options(key):
-                        valid = available_methods() if key == "method" else group_options(key)
-                        raise unknown_choice(key, name, valid)
-        elif top not in top_keys and top not in GROUPS:
-            raise unknown_choice("config key", top, sorted(top_keys | set(GROUPS)))
-    return out
+    from .cli import preflight as check_overrides
+
+    return check_overrides(argv, CONFIG_DIR / "config.yaml", groups=GROUPS, options=group_options,
+                           plus_lists=("method",))
 
 
 def method_spec(cfg: DictConfig) -> tuple[list[str], dict[str, dict[str, Any]]]:
@@ -140,7 +107,9 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
     eval_module = _eval_module(cfg.eval.name)
     if hasattr(eval_module, "validate"):
         eval_module.validate(cfg.eval)  # bad task names etc. fail before the model is loaded
+    start = time.perf_counter()
     loaded = load_model(cfg.model, cfg.dtype, cfg.device)
+    load_s = time.perf_counter() - start
     model = loaded.model
     # per-model set-up (head-score artifacts, low-rank bases) once, before the evaluation: messages, not timings
     prepare(model, build_pipeline(names, ratio=cfg.ratio, budget=cfg.budget, params=params),
@@ -159,13 +128,14 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
         return kvcompress.compress(model, names, ratio=cfg.ratio, budget=cfg.budget, params=params, diagnostics=True,
                                    tokenizer=loaded.tokenizer)
 
-    accuracy = eval_module.run(model, make_cache, cfg.eval, seed=int(cfg.seed), tokenizer=loaded.tokenizer)
-    cache = accuracy.pop("_cache")
+    task = eval_module.task(cfg.eval, seed=int(cfg.seed), tokenizer=loaded.tokenizer, model=model)
+    start = time.perf_counter()
+    result = evaluate(model, task, make_cache, tokenizer=loaded.tokenizer)
+    eval_s = time.perf_counter() - start
+    accuracy = result.accuracy
     if loaded.note:
         accuracy["note"] = loaded.note
-    memory = cache.memory_report()
-    memory["pipeline"] = [c.describe() for c in cache.compressors] or ["full"]
-    memory.update(_prefill_costs(cache, model.config, int(memory["context_tokens"])))
+    memory = result.memory
     lat = cfg.latency
     latency = latency_block(
         model.config,
@@ -176,22 +146,24 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
         efficiency=lat.efficiency,
         model_name=loaded.name,
     )
-    row = {
-        "config_key": key,
-        "method": "+".join(names),
-        "ratio": cfg.ratio,
-        "budget": cfg.budget,
-        "model": {"name": loaded.name, "constructed": loaded.constructed, "random_init": loaded.random_init},
-        "task": cfg.eval.name,
+    row = Row(
+        config_key=key,
+        method="+".join(names),
+        ratio=cfg.ratio,
+        budget=cfg.budget,
+        model={"name": loaded.name, "constructed": loaded.constructed, "random_init": loaded.random_init},
+        task=cfg.eval.name,
         # query-aware: the question is part of what is compressed; question-agnostic: the context alone is
-        "query_aware": bool(accuracy.get("query_aware", cfg.eval.get("query_aware", True))),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "memory": memory,
-        "accuracy": accuracy,
-        "latency": latency,
-        "method_state": _jsonable(cache.shared),  # what methods decided (kept layers, merged pairs, errors, ...)
-        "provenance": provenance(int(cfg.seed), _devices(model), int(cfg.threads)),
-    }
+        query_aware=bool(accuracy.get("query_aware", cfg.eval.get("query_aware", True))),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        memory=memory,
+        accuracy=accuracy,
+        latency=latency,
+        method_state=result.method_state,  # what methods decided (kept layers, merged pairs, errors, ...)
+        samples=result.samples,  # per sample: metadata, prediction, scores, kept fraction, differing method state
+        timing={"load_s": round(load_s, 3), "eval_s": round(eval_s, 3), "samples_s": [round(s, 3) for s in result.seconds]},
+        provenance=provenance(int(cfg.seed), _devices(model), int(cfg.threads)),
+    ).to_dict()
     if is_main_process():  # under accelerate launch, samples were split and gathered: one row, from rank 0
         append_row(results_path, row)
         if cfg.print_summary:
@@ -202,33 +174,6 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
 def _devices(model: torch.nn.Module) -> str:
     """Where the model's parameters actually are (several devices under ``model.device_map``)."""
     return ",".join(sorted({str(p.device) for p in model.parameters()}))
-
-
-def _prefill_costs(cache: kvcompress.KVCompressCache, config: Any, context: int) -> dict[str, Any]:
-    """Scoring work methods declare for the latency model's prefill term, and whether any prefill compute is saved."""
-    extra, skips = 0.0, set()
-    for comp in cache.compressors:
-        cost = comp.prefill_cost(config.get_text_config(), context)
-        extra += float(cost.get("extra_prefill_flops", 0.0))
-        skips.update(cost.get("prefill_skips_kv_layers", ()))
-    return {
-        "extra_prefill_flops": extra,
-        "prefill_skips_kv_layers": sorted(skips),
-        "prefill_saving": describe_prefill_saving(skips),
-    }
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain-JSON parts of compressor state (tensors, other objects and private ``_``-prefixed keys are left out)."""
-    if isinstance(obj, dict):
-        items = {str(k): _jsonable(v) for k, v in obj.items() if not str(k).startswith("_")}
-        return {k: v for k, v in items.items() if v is not None}
-    if isinstance(obj, (list, tuple)):
-        items = [_jsonable(v) for v in obj]
-        return items if all(v is not None for v in items) else None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return None
 
 
 def _eval_module(name: str) -> Any:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The paper sweep on the default model (the constructed testbed), then the tables and figures in paper_tables/.
-#   bash scripts/paper_sweep.sh [results/paper.jsonl]
+#   bash scripts/paper_sweep.sh [ROWS] [OUT]      (also: python -m kvcompress.sweep methods)
+# ROWS: the rows file (default paper_tables/rows/methods.jsonl, committed beside the tables so that
+# `python -m kvcompress.tables` regenerates them); OUT: where the tables go (default paper_tables).
 # * needle (1K and 2K tokens, 11 depths each, query-aware): every registered method that takes a `ratio` at 3 kept
 #   fractions, the others at their defaults (a method with a `bits` field at 2, 4 and 8 bits), and two compositions;
 # * RULER (1K tokens, 1 sample per task): every registered method once, at ratio 0.25 where it takes one. Tasks: the
@@ -10,11 +12,12 @@
 # * LongBench: not run; its data are not available offline (the generated table says why the column is empty).
 # The method lists come from the registry (kvcompress.available_methods() and each method's dataclass fields), so a
 # newly registered method is swept without editing this file. Reruns skip configurations already in the results
-# file (resume after an interruption). Runtime: 8 min 20 s for 74 rows on 2 shared CPU cores (2026-11-30);
+# file (resume after an interruption; delete it to measure anew). Runtime: 8 min 20 s for 74 rows on 2 shared CPU cores (2026-11-30);
 # the wall time is printed at the end.
 set -euo pipefail
 start=$SECONDS
-results=${1:-results/paper.jsonl}
+results=${1:-paper_tables/rows/methods.jsonl}
+out=${2:-paper_tables}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 common=(print_summary=false "results=$results")
 needle=("${common[@]}" eval=needle "eval.lengths=[1024,2048]")
@@ -27,7 +30,7 @@ mapfile -t lists < <(python - <<'EOF'
 import dataclasses
 
 import kvcompress
-from kvcompress.compressor import get_method
+from kvcompress.registry import get_method
 
 names = kvcompress.available_methods()
 fields = {name: {f.name for f in dataclasses.fields(get_method(name))} for name in names}
@@ -55,6 +58,6 @@ done
 sweep snapkv+quant,heads+quant ratio=0.25 "${needle[@]}"
 sweep "$ratio_methods" ratio=0.25 "${ruler[@]}"
 sweep "$other_methods${bits_methods:+,$bits_methods}" "${ruler[@]}"
-python -m kvcompress.tables "$results" --out paper_tables
+python -m kvcompress.tables methods "rows=$results" "out=$out"
 elapsed=$((SECONDS - start))
 printf 'paper sweep: wall time %d min %02d s\n' $((elapsed / 60)) $((elapsed % 60))

@@ -1,5 +1,5 @@
 """``python -m kvcompress.bench gpu``: skips cleanly without CUDA, rejects bad options in one line, and its code path
-runs end to end on the CPU (``--smoke``). The GPU figures themselves are never produced in CI."""
+runs end to end on the CPU (``smoke=true``). The GPU figures themselves are never produced in CI."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import kvcompress
 from kvcompress.bench import gpu
@@ -20,6 +21,7 @@ from kvcompress.bench import gpu
 ROOT = Path(__file__).resolve().parents[1]
 STUB = ROOT / "paper_tables" / "gpu.md"
 MUST_PASS = ("full", "snapkv", "quant")
+DEFAULTS = OmegaConf.load(ROOT / "configs" / "bench" / "gpu.yaml")
 
 
 def _fingerprint(path: Path) -> tuple[str, int] | None:
@@ -41,19 +43,21 @@ def test_skips_without_cuda_and_leaves_the_table_alone() -> None:
 def test_skip_in_process(monkeypatch, capsys, tmp_path) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "gpu.md"
-    assert gpu.main(["--out", str(out)]) == 0
+    assert gpu.main([f"out={out}"]) == 0
     assert "skipped — CUDA is not available" in capsys.readouterr().out
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--context", "0"], "error: --context=0 is invalid; valid: an integer >= 1"),
-    (["--layers", "two"], "error: --layers=two is invalid; valid: an integer >= 1"),
-    (["--methods", "full,nope"], "error: --methods: unknown method 'nope'; valid choices: "),
-    (["--parts", "decode,x"], "error: --parts: unknown part 'x'; valid choices: "),
-    (["--ratio", "0"], "error: --ratio=0 is invalid; valid: a kept fraction in (0, 1]"),
-    (["--frobnicate"], "error: unrecognized arguments: --frobnicate"),
-    (["--smoke", "--out", "paper_tables/gpu.md"], "error: --out=paper_tables/gpu.md with --smoke is invalid"),
+    (["context=0"], "error: context=0 is invalid; valid: an integer >= 1"),
+    (["layers=two"], "error: layers=two is invalid; valid: an integer >= 1"),
+    (["methods=[full,nope]"], "error: methods: unknown method 'nope'; valid choices: "),
+    (["parts=[decode,x]"], "error: parts: unknown part 'x'; valid choices: "),
+    (["ratio=0"], "error: ratio=0 is invalid; valid: a kept fraction in (0, 1]"),
+    (["frobnicate=1"], "error: unknown option 'frobnicate'; valid choices: "),
+    (["--frobnicate"], "error: unknown flag '--frobnicate'; valid choices: "),
+    (["smoke=yes"], "error: smoke=yes is invalid; valid: true or false"),
+    (["smoke=true", "out=paper_tables/gpu.md"], "error: out=paper_tables/gpu.md with smoke=true is invalid"),
 ])
 def test_bad_option_is_one_error_line(argv, message, capsys, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
@@ -66,16 +70,16 @@ def test_bench_main_dispatches_gpu(capsys) -> None:
     from kvcompress.bench.__main__ import main as bench_main
 
     with pytest.raises(SystemExit) as exit_info:
-        bench_main(["gpu", "--steps", "0"])
+        bench_main(["gpu", "steps=0"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: --steps=0 is invalid; valid: an integer >= 1"
+    assert capsys.readouterr().err.strip() == "error: steps=0 is invalid; valid: an integer >= 1"
 
 
 def test_smoke_run_names_every_method(tmp_path, capsys) -> None:
     before = _fingerprint(STUB)
     out = tmp_path / "gpu.md"
     start = time.perf_counter()
-    status = gpu.main(["--smoke", "--out", str(out)])
+    status = gpu.main(["smoke=true", f"out={out}"])
     wall = time.perf_counter() - start
     printed = capsys.readouterr().out
     assert status in (0, 1)  # 1: some method FAILED (recorded in the table, the run went on)
@@ -103,7 +107,7 @@ def test_smoke_run_names_every_method(tmp_path, capsys) -> None:
     assert rows["snapkv"]["kept_bytes"] < 0.25 * rows["snapkv"]["dense_bytes"]
     for context in data["settings"]["decode_contexts"]:
         block = data["decode"][str(context)]["rows"]
-        assert list(block) == ["dynamic", *gpu.DECODE_METHODS]
+        assert list(block) == ["dynamic", *DEFAULTS.decode_methods] == ["dynamic", *data["settings"]["decode_methods"]]
         assert all(block[m]["status"] == "ok" for m in ("dynamic", *MUST_PASS))
     prefill = data["prefill"]["rows"]
     assert set(prefill) == {"dynamic", *registered}
@@ -121,7 +125,7 @@ def test_a_raising_method_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch)
 
     monkeypatch.setattr(gpu, "make_cache", make_cache)
     out = tmp_path / "gpu.md"
-    assert gpu.main(["--smoke", "--out", str(out), "--methods", "knorm,full", "--parts", "methods,prefill"]) == 1
+    assert gpu.main(["smoke=true", f"out={out}", "methods=[knorm,full]", "parts=[methods,prefill]"]) == 1
     data = json.loads(out.with_suffix(".json").read_text())
     rows = {r["method"]: r for r in data["methods"]}
     assert rows["knorm"]["status"] == "FAILED" and rows["knorm"]["failed_in"] == "cache"
@@ -137,7 +141,7 @@ def test_an_abort_keeps_what_was_measured(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(gpu, "build_model", build_model)
     out = tmp_path / "gpu.md"
-    assert gpu.main(["--smoke", "--out", str(out), "--parts", "methods"]) == 1
+    assert gpu.main(["smoke=true", f"out={out}", "parts=[methods]"]) == 1
     data = json.loads(out.with_suffix(".json").read_text())
     assert not data["complete"] and data["aborted"].startswith("OutOfMemoryError: CUDA out of memory")
     assert "**INCOMPLETE**" in out.read_text()

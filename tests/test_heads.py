@@ -60,7 +60,7 @@ def scored(cache_root, testbed):
 def test_detect_ranks_planted_retrieval_head_first_and_show(cache_root, testbed, tmp_path, capsys) -> None:
     """The constructed testbed's copy head (layer 1, query head 0, KV head 0) is planted by construction."""
     model, tok = testbed
-    assert heads_cli.main(["detect", "model=testbed", "lengths=256", "depths=0.3,0.7"]) == 0
+    assert heads_cli.main(["detect", "model=testbed", "lengths=[256]", "depths=[0.3,0.7]"]) == 0
     scores = find_scores(model)
     assert scores is not None and scores["primary"] == "retrieval"
     assert scores["probes"]["correct"] == 2

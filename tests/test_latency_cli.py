@@ -9,7 +9,7 @@ import pytest
 
 from kvcompress.latency import latency_block
 from kvcompress.latency.__main__ import main
-from kvcompress.latency.tables import CONTEXTS, TP_DEGREES, comparison_table, render_latex, render_markdown, tp_table
+from kvcompress.latency.fu2024 import CONTEXTS, TP_DEGREES, comparison_table, render_latex, render_markdown, tp_table
 
 PAPER_TABLES = Path(__file__).resolve().parents[1] / "paper_tables"
 

@@ -267,9 +267,13 @@ def test_fixture_end_to_end(testbed, query_aware):
         "tasks": ["hotpotqa", "trec", "passage_count"], "data_dir": str(FIXTURE), "max_len": 3500,
         "samples": 2, "chat_template": "auto", "query_aware": query_aware, "max_new_tokens": 6,
     }  # fmt: skip
-    out = LB.run(model, lambda: kvcompress.compress(model, "snapkv", ratio=0.5), cfg, tokenizer=tok)
-    cache = out.pop("_cache")
-    assert cache.memory_report()["kept_bytes"] < cache.memory_report()["dense_bytes"]
+    from kvcompress.eval.loop import evaluate
+
+    result = evaluate(model, LB.task(cfg, tokenizer=tok, model=model), lambda: kvcompress.compress(model, "snapkv", ratio=0.5),
+                      tokenizer=tok)
+    out = result.accuracy
+    assert "_cache" not in out and 0 < result.memory["kept_bytes"] < result.memory["dense_bytes"]
+    assert len(result.samples) == 6 and all("score" in s and "prediction" in s for s in result.samples)
     assert out["samples"] == 6 and out["truncated"] == 0 and out["query_aware"] is query_aware
     for t in cfg["tasks"]:
         assert 0.0 <= out[t] <= 100.0

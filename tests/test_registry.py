@@ -68,3 +68,23 @@ def test_one_file_adds_a_method_everywhere(tmp_path: Path) -> None:
         assert name in listed.stdout
     finally:
         new.unlink()
+
+
+def test_no_runner_names_a_method() -> None:
+    """Runners take methods from the registry and their hooks: no string constant naming a method in the code of the
+    run CLI, lm-eval, the results rows, the sweeps, the public API or the bench (the bench's methods are in its
+    configs; docstring examples aside)."""
+    import ast
+
+    names = set(kvcompress.available_methods())
+    files = [ROOT / "kvcompress" / name for name in ("run.py", "lm_eval.py", "results.py", "sweep.py", "api.py")]
+    files += sorted((ROOT / "kvcompress" / "bench").glob("*.py"))
+    hits = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        hits += [f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}" for node in ast.walk(tree)
+                 if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings]
+    assert not hits, hits

@@ -90,7 +90,7 @@ def test_check_cli_writes_the_grid_as_markdown(built, tmp_path):
     from kvcompress.zoo.__main__ import main
 
     out = tmp_path / "grid.md"
-    argv = ["check", "--path", str(built), "--lengths", "256,512", "--depths", "0,0.5,1", "--out", str(out)]
+    argv = ["check", f"path={built}", "lengths=[256,512]", "depths=[0,0.5,1]", f"out={out}"]
     assert main(argv) == 0
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith(("| 256 |", "| 512 |"))]
@@ -106,7 +106,7 @@ def test_other_templates(loaded, template):
     samples = make_needle_samples(tok, [512], [0.0, 0.5, 1.0], template=template, seed=3)
     if template == "kamradt":
         for s in samples:
-            s.max_new_tokens = len(tok(" " + s.answer, add_special_tokens=False)["input_ids"])
+            s.new_tokens = len(tok(" " + s.answer, add_special_tokens=False)["input_ids"])
     assert _accuracy(model, tok, samples) == [1, 1, 1]
 
 
@@ -206,7 +206,7 @@ def test_random_scores_its_keep_rate_as_the_circuit_predicts(loaded):
         hits = needed = both = 0
         p = 0.0
         for seed, s in enumerate(samples):
-            s.max_new_tokens = 2
+            s.new_tokens = 2
             cache = kvc.compress(model, "random", ratio=ratio, seed=seed, trace=True)
             ok = bool(score_exact_match(testbed.answer(model, tok, s, cache), s.answer))
             has_value = s.value_token_span[0] + 1 in _kept(cache, ret_layer, ret_head)
@@ -288,4 +288,4 @@ def test_needle_eval_entry_point(loaded):
     model, tok = loaded
     res = needle.run(model, lambda: DynamicCache(), {"lengths": [256, 512], "depths": [0.0, 0.5, 1.0]}, tokenizer=tok)
     assert res["task"] == "needle" and res["samples"] == 6 and res["exact_match"] == 1.0
-    assert res["exact_match@512"] == 1.0 and res["exact_match@d0.5"] == 1.0 and "_cache" in res
+    assert res["exact_match@512"] == 1.0 and res["exact_match@d0.5"] == 1.0 and "_cache" not in res

@@ -1,6 +1,8 @@
-"""``python -m kvcompress.bench [--config default|quick|PATH.yaml] [key=value ...]`` — see the package docstring.
+"""``python -m kvcompress.bench [config=default|quick|PATH.yaml] [key=value ...]`` — see the package docstring.
 
-``python -m kvcompress.bench gpu [...]`` is the GPU acceptance run (:mod:`kvcompress.bench.gpu`, its own options)."""
+``python -m kvcompress.bench gpu [key=value ...]`` is the GPU acceptance run (:mod:`kvcompress.bench.gpu`, options in
+``configs/bench/gpu.yaml``). Both take Hydra overrides, like ``python -m kvcompress.run``; ``--help`` lists the
+options and their defaults."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the log
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -21,48 +22,56 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from . import bandwidth, decode, memory, ops, prefill, report, throughput  # noqa: E402
+from .. import cli  # noqa: E402
+from ..errors import KVCompressError, unknown_choice  # noqa: E402
+from . import bandwidth, decode, gpu, memory, ops, prefill, report, throughput  # noqa: E402
 from .common import BenchModel, axis_of, load_avg, load_bench_model, machine, prepare, resolve_methods  # noqa: E402
 
-
-def load_config(name: str, overrides: list[str]) -> Any:
-    path = Path(name)
-    if not path.suffix:
-        from importlib.resources import files
-
-        path = Path(str(files("kvcompress.configs") / "bench" / f"{name}.yaml"))
-    cfg = OmegaConf.load(path)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)), str(path)
+PROG = "python -m kvcompress.bench"
+PARTS = ("bandwidth", "prefill", "decode", "ops", "memory", "throughput")
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    raw = sys.argv[1:] if argv is None else list(argv)
-    if raw[:1] == ["gpu"]:  # the GPU acceptance run has its own options (bench/gpu.py); exits with its status
-        from . import gpu
+def validate(cfg: Any) -> None:
+    """What can be checked before anything is measured: parts, model names, targets, the decode reference."""
+    parts = list(cfg.parts)
+    for part in parts:
+        if part not in PARTS:
+            raise unknown_choice("part", part, PARTS)
+    models = list(cfg.models)
+    used = [*(cfg.prefill.models if "prefill" in parts else []), *(cfg.decode.models if "decode" in parts else []),
+            *([cfg.ops.model] if "ops" in parts else []), *(cfg.memory.models if "memory" in parts else []),
+            *([cfg.throughput.model] if "throughput" in parts else [])]
+    for name in used:
+        if name not in models:
+            raise unknown_choice("model", name, models)
+    report.check_targets(OmegaConf.to_container(cfg.targets, resolve=True) if cfg.get("targets") else [])
+    if "decode" in parts and cfg.decode.reference not in list(cfg.decode.variants):
+        raise KVCompressError(f"decode.reference={cfg.decode.reference} is not among decode.variants; valid: one of "
+                              f"{', '.join(map(str, cfg.decode.variants))}")
 
-        raise SystemExit(gpu.main(raw[1:]))
-    parser = argparse.ArgumentParser(prog="python -m kvcompress.bench", description=__doc__)
-    parser.add_argument("--config", default="default", help="config name under configs/bench/ or a YAML path")
-    parser.add_argument("overrides", nargs="*", help="OmegaConf dot-list overrides, e.g. decode.repeats=3")
-    parser.add_argument("--render", metavar="JSON", help="only re-write the markdown from an existing results JSON "
-                        "(closing note taken from the current config)")
-    args = parser.parse_args(argv)
-    cfg, cfg_path = load_config(args.config, args.overrides)
-    if args.render:
-        results = json.loads(Path(args.render).read_text())
+
+def perf(cfg: Any, argv: list[str], cfg_path: str) -> dict[str, Any]:
+    """The suite (or, with ``render``, only its Markdown from an existing results JSON)."""
+    if cfg.render:
+        results = json.loads(Path(cfg.render).read_text())
         results["config"]["closing_note"] = cfg.get("closing_note")
-        Path(args.render).write_text(json.dumps(results, indent=1, default=float) + "\n")
+        results["config"]["targets"] = OmegaConf.to_container(cfg.targets, resolve=True) if cfg.get("targets") else []
+        report.check_targets(results["config"]["targets"])
+        if OmegaConf.select(cfg, "decode.reference") is not None:
+            results["config"].setdefault("decode", {}).setdefault("reference", cfg.decode.reference)
+        Path(cfg.render).write_text(json.dumps(results, indent=1, default=float) + "\n")
         report.write(results, Path(cfg.out_md))
         return results
+    validate(cfg)
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(0)
     started = time.perf_counter()
     results: dict[str, Any] = {"config": OmegaConf.to_container(cfg, resolve=True), "config_file": cfg_path,
-                               "command": " ".join(["python -m kvcompress.bench", *(argv if argv is not None else sys.argv[1:])]),
+                               "command": " ".join([PROG, *argv]),
                                "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     import kvcompress
 
@@ -155,6 +164,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     save()
     log(f"done in {time.perf_counter() - started:.0f} s -> {cfg.out_md}, {cfg.out_json}")
     return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Entry point: the suite's results (None after ``--help``); exits with status 2 and one ``error:`` line on bad
+    input; ``gpu`` exits with the GPU run's status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "perf": cli.Command("bench/default", lambda cfg: perf(cfg, args, str(cli.current_config())), """The
+            performance suite: prefill overhead of each method, decode step time vs bytes read and the measured memory
+            bandwidth, kernels per decode step on the virtual accelerator, resident vs kept bytes vs process peak,
+            needle throughput, and the targets met / not met (paper_tables/perf.md + perf.json; config=quick is a
+            short smoke run). render=JSON only re-writes the Markdown from a results JSON.""",
+                            choose="bench", hidden=("gpu",)),
+        "gpu": gpu.command(args[1:]),
+    }
+    try:
+        result = cli.main(PROG, commands, args, default="perf")
+    except KVCompressError as err:
+        raise SystemExit(cli.fail(err)) from None
+    if args[:1] == ["gpu"]:  # the GPU acceptance run exits with its status
+        raise SystemExit(0 if result is None else int(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -88,27 +88,11 @@ def load_bench_model(spec: Any) -> BenchModel:
         loaded = load_model(OmegaConf.create({"builtin": spec["builtin"], "name": name}), dtype="float32")
         model, tokenizer = loaded.model, loaded.tokenizer
     else:
-        from transformers import AutoModelForCausalLM, LlamaConfig
+        from kvcompress.models import random_model
 
-        arch = dict(spec["llama"])
-        config = LlamaConfig(
-            vocab_size=arch.get("vocab_size", 4096),
-            hidden_size=arch["hidden_size"],
-            intermediate_size=arch.get("intermediate_size", 512),
-            num_hidden_layers=arch["num_hidden_layers"],
-            num_attention_heads=arch["num_attention_heads"],
-            num_key_value_heads=arch["num_key_value_heads"],
-            head_dim=arch["head_dim"],
-            max_position_embeddings=arch.get("max_position_embeddings", 32768),
-            tie_word_embeddings=True,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        state = torch.random.get_rng_state()
-        torch.manual_seed(int(spec.get("seed", 1234)))
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
-        torch.random.set_rng_state(state)
+        arch = {"vocab_size": 4096, "intermediate_size": 512, "max_position_embeddings": 32768,
+                "tie_word_embeddings": True, **spec["llama"]}
+        model = random_model("llama", seed=int(spec.get("seed", 1234)), dtype=torch.float32, **arch)
         tokenizer = None
     import kvcompress
 

@@ -2,16 +2,17 @@
 
 For each model and context every variant is prefilled once (its cache is kept), then, within each repeat, each
 variant runs ``steps`` decode steps (variants interleaved, order reversed every other repeat). The figure is the
-mean per-step time of a repeat; median over repeats with min–max. Ratios (``full`` / ``DynamicCache``, variant /
-``full``) are taken per repeat, between runs adjacent in time.
+mean per-step time of a repeat; median over repeats with min–max. Ratios (the reference variant ``decode.reference``
+/ ``DynamicCache``, stored as ``<reference>_vs_dynamic``; variant / reference, stored as ``vs_<reference>``) are taken
+per repeat, between runs adjacent in time.
 
 Bytes read per step = the bytes the cache holds (``kept_bytes``) + the model's parameter bytes. Fit over the
-selection variants that take the dense sdpa path (``full`` and uniform token methods at every kept fraction and
+selection variants that take the dense sdpa path (the reference and uniform token methods at every kept fraction and
 context): ``t = a + b · bytes``; ``1/b`` is the effective bandwidth of the decode, compared with the streaming-copy
 bandwidth measured in the same run (read + write bytes per second).
 
 Attention-only: one layer's ``attend`` (what the cache runs for a decode step) timed on the held tensors with a
-random query: kept fraction r (a token method) vs the dense ``full`` layer, same context.
+random query: kept fraction r (a token method) vs the reference's dense layer, same context.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def _attend_time(bm: BenchModel, cache, query: torch.Tensor, iters: int) -> floa
 
 
 def run(bm: BenchModel, cfg: Any, variants_by_context: dict[int, list[str]], log) -> dict[str, Any]:
+    ref = str(cfg.reference)
     token = torch.tensor([[5]])
     results: dict[str, Any] = {"param_bytes": bm.param_bytes, "contexts": {}}
     for context, variants in variants_by_context.items():
@@ -68,7 +70,7 @@ def run(bm: BenchModel, cfg: Any, variants_by_context: dict[int, list[str]], log
         prefill_wall = time.perf_counter() - t0
         times: dict[str, list[float]] = {v: [] for v in variants}
         loads: dict[str, list[float]] = {v: [] for v in variants}
-        ratio_full: dict[str, list[float]] = {v: [] for v in variants}
+        ratio_ref: dict[str, list[float]] = {v: [] for v in variants}
         repeats, steps = int(cfg.repeats), int(cfg.steps)
         for rep in range(repeats):
             order = variants if rep % 2 == 0 else list(reversed(variants))
@@ -78,9 +80,9 @@ def run(bm: BenchModel, cfg: Any, variants_by_context: dict[int, list[str]], log
                 with quiet():
                     this[v] = _steps(bm.model, caches[v], token, steps)
                 times[v].append(this[v])
-            if "full" in this:
+            if ref in this:
                 for v in variants:
-                    ratio_full[v].append(this[v] / this["full"])
+                    ratio_ref[v].append(this[v] / this[ref])
         rows: dict[str, Any] = {}
         for v in variants:
             method, ratio = parse_variant(v)
@@ -88,26 +90,26 @@ def run(bm: BenchModel, cfg: Any, variants_by_context: dict[int, list[str]], log
             rows[v] = {
                 "method": method, "ratio": ratio, "axis": axis_of(method),
                 "step_ms": summary(times[v], 1e3),
-                "vs_full": summary(ratio_full[v]) if ratio_full[v] else None,
+                f"vs_{ref}": summary(ratio_ref[v]) if ratio_ref[v] else None,
                 "kept_bytes": b["kept"], "resident_bytes": b["resident"], "dense_bytes": b["dense"],
                 "kept_fraction": b["kept"] / b["dense"] if b["dense"] else float("nan"),
                 "bytes_read": b["kept"] + bm.param_bytes,
-                "ragged": any(getattr(layer, "ragged", None) is not None for layer in getattr(caches[v], "layers", [])),
+                "ragged": any(getattr(layer, "ragged", None) is not None for layer in caches[v].layers),
                 "load_1min": summary(loads[v]),
             }
             rows[v]["effective_GBps"] = rows[v]["bytes_read"] / (rows[v]["step_ms"]["median"] * 1e-3) / 1e9
-        # attention only: one layer's attend at each token-method variant vs the dense full layer
+        # attention only: one layer's attend at each token-method variant vs the reference's dense layer
         attention: dict[str, Any] = {}
-        if "full" in caches and cfg.get("attention_iters", 0):
+        if ref in caches and cfg.get("attention_iters", 0):
             cfg_model = bm.model.config
             head_dim = getattr(cfg_model, "head_dim", None) or cfg_model.hidden_size // cfg_model.num_attention_heads
             q = torch.randn(1, cfg_model.num_attention_heads, 1, head_dim, generator=torch.Generator().manual_seed(0))
-            targets = [v for v in variants if v != "full" and rows[v]["axis"] == "token"]
-            att: dict[str, list[float]] = {v: [] for v in ["full", *targets]}
+            targets = [v for v in variants if v != ref and rows[v]["axis"] == "token"]
+            att: dict[str, list[float]] = {v: [] for v in [ref, *targets]}
             att_ratio: dict[str, list[float]] = {v: [] for v in targets}
             for _ in range(int(cfg.attention_repeats)):
-                dense = _attend_time(bm, caches["full"], q, int(cfg.attention_iters))
-                att["full"].append(dense)
+                dense = _attend_time(bm, caches[ref], q, int(cfg.attention_iters))
+                att[ref].append(dense)
                 for v in targets:
                     t = _attend_time(bm, caches[v], q, int(cfg.attention_iters))
                     att[v].append(t)
@@ -118,22 +120,23 @@ def run(bm: BenchModel, cfg: Any, variants_by_context: dict[int, list[str]], log
                                 "kept_fraction": rows[v]["kept_fraction"]}
         out = {"steps": steps, "repeats": repeats, "rows": rows, "attention": attention, "prefill_wall_s": prefill_wall,
                "load_end": load_avg()}
-        if "dynamic" in times and "full" in times:
-            out["full_vs_dynamic"] = summary([f / d for f, d in zip(times["full"], times["dynamic"])])
+        if "dynamic" in times and ref in times:
+            out[f"{ref}_vs_dynamic"] = summary([f / d for f, d in zip(times[ref], times["dynamic"])])
         results["contexts"][str(context)] = out
         log(f"  decode {bm.name} {context}: {len(variants)} variants, load {load_avg()[0]}; "
             + ", ".join(f"{v} {rows[v]['step_ms']['median']:.1f} ms" for v in variants))
         del caches
-    results["fit"] = fit(results)
+    results["fit"] = fit(results, ref)
     return results
 
 
-def fit(results: dict[str, Any]) -> dict[str, Any]:
-    """Least squares ``t = a + b·bytes`` over dense-path selection variants (full + uniform token methods)."""
+def fit(results: dict[str, Any], reference: str) -> dict[str, Any]:
+    """Least squares ``t = a + b·bytes`` over dense-path selection variants (the reference + uniform token
+    methods)."""
     xs, ys, used = [], [], []
     for context, out in results["contexts"].items():
         for v, row in out["rows"].items():
-            if (row["method"] == "full" or row["axis"] == "token") and not row["ragged"]:
+            if (v == reference or row["axis"] == "token") and not row["ragged"]:
                 xs.append(row["bytes_read"])
                 ys.append(row["step_ms"]["median"] * 1e-3)
                 used.append(f"{v}@{context}")

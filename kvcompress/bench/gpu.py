@@ -1,26 +1,27 @@
 """``python -m kvcompress.bench gpu`` — the one-command GPU acceptance run (CUDA, bf16, fixed seed, ≤ 8 minutes).
 
+Options: Hydra ``key=value`` overrides of ``configs/bench/gpu.yaml`` (``--help`` lists them with their defaults).
 Checks, in one process, and writes ``paper_tables/gpu.md`` plus the raw figures in ``gpu.json`` next to it:
 
-a. **equivalence**: ``compress(model, "full")`` vs ``DynamicCache`` under greedy ``generate`` on a left-padded batch
-   (tiny random Llama and Qwen2): greedy tokens identical and max |Δlogit| within a stated bf16 tolerance;
-b. **every registered method** on a random-init model of Llama-3.1-8B's shape (``--layers`` layers): a
-   ``--context`` prefill (32K) and ``--steps`` greedy decode steps; kept / resident / dense bytes, the CUDA
+a. **equivalence**: ``compress(model, <reference>)`` (``reference``: the plain pass-through method) vs
+   ``DynamicCache`` under greedy ``generate`` on a left-padded batch (tiny random Llama and Qwen2): greedy tokens
+   identical and max |Δlogit| within a stated bf16 tolerance;
+b. **every registered method** on a random-init model of Llama-3.1-8B's shape (``layers`` layers): a
+   ``context`` prefill (32K) and ``steps`` greedy decode steps; kept / resident / dense bytes, the CUDA
    allocation growth and peak, prefill time, mean decode step. A method that raises is recorded as FAILED with
    its error and the run goes on with the next one;
-c. **decode step vs DynamicCache** at 8K and 32K for ``full``, ``snapkv`` and ``adaptive_heads`` (``--ratio``) and
-   ``quant`` (4-bit): median over repeats of the per-step median, ratio to DynamicCache within each repeat;
-d. **prefill overhead** of every method at ``--context``: prefill time / DynamicCache prefill time.
+c. **decode step vs DynamicCache** at 8K and 32K for the ``decode_methods`` (``ratio`` where a method has one):
+   median over repeats of the per-step median, ratio to DynamicCache within each repeat;
+d. **prefill overhead** of every method at ``context``: prefill time / DynamicCache prefill time.
 
-Without CUDA it prints one skip line and exits 0: nothing is measured and nothing is written. ``--smoke`` runs the
-same code on the CPU at tiny sizes (what CI uses to exercise this script); its output says loudly that it holds
+Without CUDA it prints one skip line and exits 0: nothing is measured and nothing is written. ``smoke=true`` runs
+the same code on the CPU at tiny sizes (what CI uses to exercise this script); its output says loudly that it holds
 no GPU figures. Exit status: 0 when every check passed, 1 when a method FAILED or equivalence failed, 2 on a bad
 option (one ``error:`` line).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import gc
@@ -37,29 +38,21 @@ from typing import Any
 
 import torch
 
+from ..cli import Command, fail
+from ..cli import main as cli_main
 from ..compat import cache_arg
 from ..errors import KVCompressError, check_ratio, unknown_choice
 
 MiB = 2**20
-DEFAULT_OUT = Path("paper_tables/gpu.md")
-SMOKE_OUT = Path("results/bench/gpu_smoke.md")
 PARTS = ("equivalence", "methods", "decode", "prefill")
-#: part c's variants besides DynamicCache (when registered and selected with --methods)
-DECODE_METHODS = ("full", "snapkv", "adaptive_heads", "quant")
 EQUIVALENCE_ARCHS = ("llama", "qwen2")
-#: max |Δlogit| allowed between ``full`` and DynamicCache, as a fraction of the largest |logit| of the reference:
-#: 2⁻⁵ = 4 bf16 ulps (bf16 has 8 significant bits) at the largest logit's magnitude — room for a different sdpa
-#: kernel or summation order, far below what a wrong key, value or position would cause.
+#: max |Δlogit| allowed between the reference method and DynamicCache, as a fraction of the largest |logit| of the
+#: reference: 2⁻⁵ = 4 bf16 ulps (bf16 has 8 significant bits) at the largest logit's magnitude — room for a different
+#: sdpa kernel or summation order, far below what a wrong key, value or position would cause.
 BF16_REL_TOLERANCE = 2.0**-5
 #: the models' max_position_embeddings (Llama-3.1's 131072) less room for the decode steps
 MAX_CONTEXT = 131072 - 4096
 SMOKE_BANNER = "*** CPU SMOKE RUN: tiny model on the CPU; these are NOT GPU figures ***"
-
-#: Defaults on the GPU and in ``--smoke`` (``None`` in argparse = not given on the command line).
-GPU_DEFAULTS = dict(layers=4, context=32768, short_context=8192, steps=64, warmup=2, timing_steps=16, repeats=5,
-                    prefill_repeats=3, time_budget=420)
-SMOKE_DEFAULTS = dict(layers=2, context=256, short_context=128, steps=4, warmup=1, timing_steps=2, repeats=2,
-                      prefill_repeats=1, time_budget=420)
 
 
 # -- options ------------------------------------------------------------------------------------------------------
@@ -81,6 +74,8 @@ class Settings:
     time_budget: float
     parts: tuple[str, ...]
     command: str
+    reference: str
+    decode_methods: tuple[str, ...]
 
     @property
     def device(self) -> torch.device:
@@ -91,97 +86,69 @@ class Settings:
         return self.out.with_suffix(".json")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors turned into one ``error:`` line (no usage block)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise KVCompressError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m kvcompress.bench gpu", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    g, s = GPU_DEFAULTS, SMOKE_DEFAULTS
-    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (CI's check of this script)")
-    p.add_argument("--out", help=f"Markdown output; the JSON goes next to it (default {DEFAULT_OUT}; "
-                   f"--smoke: {SMOKE_OUT})")
-    p.add_argument("--layers", help=f"decoder layers of the 8B-shaped model (default {g['layers']}; "
-                   f"smoke {s['layers']})")
-    p.add_argument("--context", help=f"prompt tokens of parts b and d (default {g['context']}; smoke {s['context']})")
-    p.add_argument("--decode-contexts", help="comma-separated contexts of part c "
-                   f"(default {g['short_context']},CONTEXT; smoke {s['short_context']},CONTEXT)")
-    p.add_argument("--steps", help=f"greedy decode steps per method in part b (default {g['steps']}; "
-                   f"smoke {s['steps']})")
-    p.add_argument("--warmup", help=f"untimed decode steps per repeat in part c (default {g['warmup']})")
-    p.add_argument("--timing-steps", help=f"timed decode steps per repeat in part c (default {g['timing_steps']})")
-    p.add_argument("--repeats", help=f"repeats of part c (default {g['repeats']}; smoke {s['repeats']})")
-    p.add_argument("--prefill-repeats", help=f"repeats of part d (default {g['prefill_repeats']}; smoke "
-                   f"{s['prefill_repeats']})")
-    p.add_argument("--methods", help="comma-separated methods (default: every registered method)")
-    p.add_argument("--ratio", default="0.1", help="kept fraction for methods that take a ratio (default 0.1)")
-    p.add_argument("--seed", default="0", help="seed of weights and prompts (default 0)")
-    p.add_argument("--time-budget", help="seconds after which parts c and d stop adding repeats "
-                   f"(default {g['time_budget']})")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    return p
-
-
-def _int(name: str, text: str, minimum: int = 1, maximum: int | None = None) -> int:
+def _int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
     try:
-        value = int(text)
+        number = None if isinstance(value, (bool, float)) else int(str(value))
     except (TypeError, ValueError):
-        value = None
-    if value is None or value < minimum:
-        raise KVCompressError(f"--{name}={text} is invalid; valid: an integer >= {minimum}")
-    if maximum is not None and value > maximum:
-        raise KVCompressError(f"--{name}={text} is too large; valid: an integer <= {maximum} (the model's "
+        number = None
+    if number is None or number < minimum:
+        raise KVCompressError(f"{name}={value} is invalid; valid: an integer >= {minimum}")
+    if maximum is not None and number > maximum:
+        raise KVCompressError(f"{name}={value} is too large; valid: an integer <= {maximum} (the model's "
                               f"{MAX_CONTEXT + 4096} positions less room for decoding)")
-    return value
+    return number
 
 
-def _choices(name: str, text: str, valid: tuple[str, ...]) -> tuple[str, ...]:
-    items = tuple(x.strip() for x in text.split(",") if x.strip())
+def _choices(name: str, value: Any, valid: tuple[str, ...]) -> tuple[str, ...]:
+    items = tuple(str(x).strip() for x in (value.split(",") if isinstance(value, str) else value) if str(x).strip())
     if not items:
-        raise KVCompressError(f"--{name}={text!r} is empty; valid: a comma-separated subset of {', '.join(valid)}")
+        raise KVCompressError(f"{name}={value!r} is empty; valid: a list of some of {', '.join(valid)}")
     for item in items:
         if item not in valid:
-            raise KVCompressError(f"--{name}: {unknown_choice(name.rstrip('s'), item, valid)}")
+            raise KVCompressError(f"{name}: {unknown_choice(name.rstrip('s'), item, valid)}")
     return tuple(dict.fromkeys(items))
 
 
-def parse_args(argv: list[str]) -> Settings:
-    """Validated settings; a bad option raises :class:`KVCompressError` with a one-line message."""
+def settings(cfg: Any, argv: list[str]) -> Settings:
+    """Validated settings from the composed config (``configs/bench/gpu.yaml`` + overrides); a bad value raises
+    :class:`KVCompressError` with a one-line message."""
     import kvcompress
 
-    a = _parser().parse_args(argv)
-    d = SMOKE_DEFAULTS if a.smoke else GPU_DEFAULTS
+    sizes = cfg.sizes.smoke if cfg.smoke else cfg.sizes.gpu
 
     def opt(name: str, minimum: int = 1, maximum: int | None = None) -> int:
-        text = getattr(a, name)
-        return _int(name.replace("_", "-"), text, minimum, maximum) if text is not None else int(d[name])
+        return _int(name, cfg[name], minimum, maximum) if cfg[name] is not None else int(sizes[name])
 
-    context = opt("context", maximum=MAX_CONTEXT)
-    if a.decode_contexts is not None:
-        contexts = tuple(_int("decode-contexts", c, 1, MAX_CONTEXT) for c in a.decode_contexts.split(","))
+    # the options whose defaults are sizes.<gpu|smoke> (layers, steps, repeats, ...): positive integers, warm-up
+    # steps may be 0, a context is bounded by the model's positions
+    sized = {name: opt(name, 0 if name == "warmup" else 1, MAX_CONTEXT if name == "context" else None)
+             for name in sizes if name not in ("out", "short_context")}
+    context = sized["context"]
+    if cfg.decode_contexts is not None:
+        given = cfg.decode_contexts if not isinstance(cfg.decode_contexts, (int, str)) else [cfg.decode_contexts]
+        contexts = tuple(_int("decode_contexts", c, 1, MAX_CONTEXT) for c in given)
     else:
-        contexts = tuple(sorted({min(int(d["short_context"]), context), context}))
-    out = Path(a.out) if a.out else (SMOKE_OUT if a.smoke else DEFAULT_OUT)
-    if a.smoke and out.resolve() == DEFAULT_OUT.resolve():
-        raise KVCompressError(f"--out={a.out} with --smoke is invalid; valid: any other path ({DEFAULT_OUT} holds GPU "
+        contexts = tuple(sorted({min(int(sizes.short_context), context), context}))
+    gpu_out = Path(str(cfg.sizes.gpu.out))
+    out = Path(str(cfg.out)) if cfg.out else Path(str(sizes.out))
+    if cfg.smoke and (out.resolve() == gpu_out.resolve() or out.resolve().parts[-2:] == gpu_out.parts[-2:]):
+        raise KVCompressError(f"out={cfg.out} with smoke=true is invalid; valid: any other path ({gpu_out} holds GPU "
                               "figures only)")
     try:
-        ratio = check_ratio(a.ratio, "--ratio")
+        ratio = check_ratio(cfg.ratio, "ratio")
     except KVCompressError:
-        raise KVCompressError(f"--ratio={a.ratio} is invalid; valid: a kept fraction in (0, 1]") from None
-    methods = kvcompress.available_methods()
+        raise KVCompressError(f"ratio={cfg.ratio} is invalid; valid: a kept fraction in (0, 1]") from None
+    registered = tuple(kvcompress.available_methods())
+    methods = registered if cfg.methods in (None, "all") else _choices("methods", cfg.methods, registered)
+    reference = str(cfg.reference)
+    if reference not in registered:
+        raise unknown_choice("reference method", reference, registered)
     return Settings(
-        smoke=a.smoke, out=out, layers=opt("layers"), context=context, decode_contexts=contexts,
-        steps=opt("steps"), warmup=opt("warmup", 0), timing_steps=opt("timing_steps"), repeats=opt("repeats"),
-        prefill_repeats=opt("prefill_repeats"),
-        methods=_choices("methods", a.methods, tuple(methods)) if a.methods is not None else tuple(methods),
-        ratio=ratio, seed=_int("seed", a.seed, 0), time_budget=float(opt("time_budget")),
-        parts=_choices("parts", a.parts, PARTS),
+        **{**sized, "time_budget": float(sized["time_budget"])}, smoke=bool(cfg.smoke), out=out,
+        decode_contexts=contexts, methods=methods, ratio=ratio, seed=_int("seed", cfg.seed, 0),
+        parts=_choices("parts", cfg.parts, PARTS),
         command=" ".join(["python -m kvcompress.bench gpu", *map(shlex.quote, argv)]),
+        reference=reference, decode_methods=tuple(str(m) for m in cfg.decode_methods),
     )
 
 
@@ -267,21 +234,16 @@ class Log:
 
 
 # -- models ---------------------------------------------------------------------------------------------------------
-def tiny_config(arch: str) -> Any:
-    """A tiny random config of ``arch`` for the equivalence check (no sliding window)."""
-    from transformers import AutoConfig
-
+def tiny_config(arch: str) -> tuple[str, dict[str, Any]]:
+    """A tiny random model of ``arch`` for the equivalence check (no sliding window): ``(arch, config fields)``."""
     extra = {"qwen2": dict(sliding_window=None, use_sliding_window=False)}.get(arch, {})
-    return AutoConfig.for_model(arch, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0,
-                                bos_token_id=1, eos_token_id=2, **extra)
+    return arch, dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+                      tie_word_embeddings=False, **extra)
 
 
-def llama8b_config(layers: int, smoke: bool) -> Any:
+def llama8b_config(layers: int, smoke: bool) -> tuple[str, dict[str, Any]]:
     """Llama-3.1-8B's shape (``smoke``: scaled down to hidden 64, 4 query / 2 KV heads, vocab 1024)."""
-    from transformers import AutoConfig
-
     if smoke:
         shape = dict(hidden_size=64, intermediate_size=224, num_attention_heads=4, num_key_value_heads=2,
                      head_dim=16, vocab_size=1024)
@@ -290,25 +252,23 @@ def llama8b_config(layers: int, smoke: bool) -> Any:
                      head_dim=128, vocab_size=128256)
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    return AutoConfig.for_model("llama", num_hidden_layers=layers, max_position_embeddings=131072,
-                                rope_parameters=rope, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                                pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape)
+    return "llama", dict(num_hidden_layers=layers, max_position_embeddings=131072, rope_parameters=rope,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, **shape)
 
 
-def build_model(config: Any, device: torch.device, seed: int, sharpen: float = 1.0) -> torch.nn.Module:
-    """Random-init bf16 sdpa model created directly on ``device``.
+def build_model(config: tuple[str, dict[str, Any]], device: torch.device, seed: int,
+                sharpen: float = 1.0) -> torch.nn.Module:
+    """Random-init bf16 sdpa model (:func:`kvcompress.models.random_model`) created directly on ``device``.
 
     ``sharpen`` scales the lm_head (greedy decoding far from ties) and, by half as much, the query and key
     projections: random init gives near-uniform attention, where a wrong RoPE position or a lost entry barely moves
     the logits; sharper attention makes such bugs exceed the equivalence tolerance many times over."""
-    from transformers import AutoModelForCausalLM
+    from kvcompress.models import random_model
 
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16).eval()
+    arch, fields = config
+    model = random_model(arch, seed=seed, dtype=torch.bfloat16, sharpen=sharpen, device=device, **fields)
     if sharpen != 1.0:
         with torch.no_grad():
-            model.get_output_embeddings().weight.mul_(sharpen)
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                     for p in proj.parameters():
@@ -320,7 +280,7 @@ def describe_model(model: torch.nn.Module) -> dict[str, Any]:
     c = model.config
     kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2  # bf16
     return {
-        "layers": c.num_hidden_layers, "hidden": c.hidden_size, "intermediate": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers, "hidden": c.hidden_size, "intermediate": c.intermediate_size,
         "query_heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
         "vocab": c.vocab_size, "rope": dict(c.rope_parameters or {}),
         "max_position_embeddings": c.max_position_embeddings,
@@ -424,7 +384,7 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache:
 
 def check_equivalence(arch: str, s: Settings, log: Log, lengths: tuple[int, ...] = (45, 96, 30),
                       new_tokens: int = 8) -> dict[str, Any]:
-    """``full`` vs ``DynamicCache`` on one tiny random model of ``arch``."""
+    """The reference method (``s.reference``) vs ``DynamicCache`` on one tiny random model of ``arch``."""
     from transformers import DynamicCache
 
     import kvcompress
@@ -435,7 +395,7 @@ def check_equivalence(arch: str, s: Settings, log: Log, lengths: tuple[int, ...]
         model = build_model(tiny_config(arch), s.device, s.seed, sharpen=8.0)
         ids, mask = left_padded_batch(model, lengths, s.seed)
         reference = greedy(model, ids, mask, DynamicCache(), new_tokens)
-        ours = greedy(model, ids, mask, kvcompress.compress(model, "full"), new_tokens)
+        ours = greedy(model, ids, mask, kvcompress.compress(model, s.reference), new_tokens)
         ref_logits = torch.stack([x.float() for x in reference.logits])
         our_logits = torch.stack([x.float() for x in ours.logits])
         max_abs = ref_logits.abs().max().item()
@@ -502,25 +462,28 @@ def cache_memory(cache: Any) -> dict[str, Any]:
             "kept_fraction": 1.0}
 
 
-def prepare_methods(model: torch.nn.Module, methods: tuple[str, ...], log: Log) -> dict[str, str]:
-    """One-time set-up before timing: low-rank bases (random ids, no tokenizer). Returns errors by method."""
-    errors: dict[str, str] = {}
-    if "lowrank" in methods:
-        from .. import lowrank
+def prepare_methods(model: torch.nn.Module, s: Settings, log: Log) -> dict[str, str]:
+    """Each method's one-time model-dependent set-up (its ``prepare`` hook: low-rank bases, ...) before timing, on
+    random ids (no tokenizer). Returns errors by method."""
+    import kvcompress
 
+    errors: dict[str, str] = {}
+    for name in s.methods:
         try:
             with captured_warnings(), torch.no_grad():
                 start = time.perf_counter()
-                lowrank.ensure_calibrated(model)
-            log(f"  lowrank bases ready ({time.perf_counter() - start:.1f} s, random-id calibration)")
+                notes = kvcompress.api.prepare(
+                    model, kvcompress.build_pipeline(name, **method_kwargs(name, s.ratio)), None)
+            if notes:
+                log(f"  {name}: set-up in {time.perf_counter() - start:.1f} s ({'; '.join(notes.values())})")
         except Exception as err:  # noqa: BLE001
-            errors["lowrank"] = f"calibration: {one_line(err)}"
+            errors[name] = f"set-up: {one_line(err)}"
     return errors
 
 
 def run_methods(model: torch.nn.Module, s: Settings, log: Log) -> list[dict[str, Any]]:
     ids = random_ids(model, (1, s.context), s.seed)
-    setup_errors = prepare_methods(model, s.methods, log)
+    setup_errors = prepare_methods(model, s, log)
     rows: list[dict[str, Any]] = []
     lost: str | None = None
     for name in ("dynamic", *s.methods):
@@ -551,7 +514,7 @@ def method_line(row: dict[str, Any]) -> str:
 
 # -- c. decode step vs DynamicCache ---------------------------------------------------------------------------------
 def run_decode(model: torch.nn.Module, s: Settings, log: Log, deadline: float) -> dict[str, Any]:
-    variants = ["dynamic", *(m for m in DECODE_METHODS if m in s.methods)]
+    variants = ["dynamic", *(m for m in s.decode_methods if m in s.methods)]
     out: dict[str, Any] = {}
     for context in s.decode_contexts:
         out[str(context)] = decode_at(model, context, variants, s, log, deadline)
@@ -711,7 +674,7 @@ def render(results: dict[str, Any]) -> str:
         lines += [f"**INCOMPLETE**: the run stopped after parts {done}{why}.", ""]
     lines += header_lines(h, results)
     if "equivalence" in results:
-        lines += equivalence_lines(results["equivalence"])
+        lines += equivalence_lines(results["equivalence"], s)
     if "methods" in results:
         lines += methods_lines(results["methods"], results, s)
     if "decode" in results:
@@ -730,16 +693,17 @@ def header_lines(h: dict[str, Any], results: dict[str, Any]) -> list[str]:
             ("wall time", f"{wall:.0f} s" if wall is not None else "–"), ("dtype, seed", f"{h['dtype']}, {h['seed']}")]
     if "model" in results:
         m = results["model"]
-        rows.append(("model (b–d)", f"random-init Llama, Llama-3.1-8B's shape with {m['layers']} layers: hidden "
-                     f"{m['hidden']}, {m['query_heads']} query / {m['kv_heads']} KV heads of dim {m['head_dim']}, "
-                     f"intermediate {m['intermediate']}, vocab {m['vocab']}, rope {m['rope'].get('rope_type')} θ "
-                     f"{m['rope'].get('rope_theta'):g}; {_mib(m['param_bytes'])} MiB of weights, KV "
+        rows.append(("model (b–d)", f"random-init Llama, Llama-3.1-8B's shape with {m['num_hidden_layers']} layers: "
+                     f"hidden {m['hidden']}, {m['query_heads']} query / {m['kv_heads']} KV heads of dim "
+                     f"{m['head_dim']}, intermediate {m['intermediate']}, vocab {m['vocab']}, rope "
+                     f"{m['rope'].get('rope_type')} θ {m['rope'].get('rope_theta'):g}; {_mib(m['param_bytes'])} MiB "
+                     "of weights, KV "
                      f"{m['kv_bytes_per_token'] / 1024:g} KiB/token; sdpa attention"))
     return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
 
 
-def equivalence_lines(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["## a. Equivalence: `compress(model, \"full\")` vs `DynamicCache`", "",
+def equivalence_lines(rows: list[dict[str, Any]], s: dict[str, Any]) -> list[str]:
+    out = [f"## a. Equivalence: `compress(model, \"{s['reference']}\")` vs `DynamicCache`", "",
            "Greedy `generate` (`do_sample=False`, `output_logits=True`) on a left-padded batch; tiny random-init "
            "models (2 layers, hidden 128, 4 query / 2 KV heads; lm_head ×8 so greedy decoding is far from ties, q/k "
            "projections ×4 so attention is sharp enough that a wrong position or a lost entry shows in the logits). "
@@ -759,8 +723,8 @@ def equivalence_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def methods_lines(rows: list[dict[str, Any]], results: dict[str, Any], s: dict[str, Any]) -> list[str]:
     out = [f"## b. Every method: {s['context']}-token prefill + {s['steps']} greedy decode steps", "",
-           f"Methods with a `ratio` get ratio={s['ratio']:g} (lowrank/think included); `quant` keeps its default "
-           "4 bits. "
+           f"Methods with a `ratio` get ratio={s['ratio']:g} (hidden-axis ones included); the others keep their "
+           "defaults (parameters column). "
            "kept/resident/dense: `cache.memory_report()` after decoding. allocated growth: "
            "`torch.cuda.memory_allocated()` after prefill + decode (prefill outputs deleted) minus before the cache "
            "was created; peak: `max_memory_allocated()` over the same baseline (peak stats reset per method); "
@@ -908,18 +872,33 @@ def run_big_model_parts(results: dict[str, Any], s: Settings, log: Log, deadline
     release(s.device, empty=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 also when CUDA is absent and the run is skipped)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        s = parse_args(argv)
-    except KVCompressError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def run_command(cfg: Any, argv: list[str]) -> int:
+    """The run on the composed config; 0 also when CUDA is absent and the run is skipped."""
+    s = settings(cfg, argv)
     if not s.smoke and not torch.cuda.is_available():
         print(skip_line(s.out), flush=True)
         return 0
     return run(s)
+
+
+def command(argv: list[str]) -> Command:
+    return Command("bench/gpu", lambda cfg: run_command(cfg, argv), """The GPU acceptance run on one NVIDIA GPU
+        (bf16, fixed seed, < 8 minutes): a. compress(model, reference) vs DynamicCache under greedy generate on a
+        left-padded batch (tiny Llama and Qwen2); b. every registered method on a random-init model of
+        Llama-3.1-8B's shape: 32K prefill + 64 decode steps, kept / resident / dense bytes and CUDA memory; c. decode
+        step of decode_methods vs DynamicCache at 8K and 32K; d. prefill time of every method vs DynamicCache.
+        Writes paper_tables/gpu.md + gpu.json; without CUDA it prints one skip line and exits 0; smoke=true runs it
+        on the CPU at tiny sizes (never GPU figures). Exit status 1 when a check failed, 2 on a bad option.""")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 also when CUDA is absent and the run is skipped)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = cli_main("python -m kvcompress.bench gpu", {"gpu": command(args)}, args, default="gpu")
+    except KVCompressError as err:
+        return fail(err)
+    return 0 if status is None else int(status)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     token = torch.tensor([[5]])
     # warm-up (first-call allocations would otherwise be charged to the first method)
     with quiet():
-        warm = make_cache(bm.model, "full", None)
+        warm = make_cache(bm.model, spec["warmup"], None)
         bm.model(ids[:, :256], **cache_arg(warm), logits_to_keep=1)
         bm.model(token, **cache_arg(warm))
     del warm
@@ -90,7 +90,8 @@ def run(model_spec: Any, cfg: Any, methods: list[str], threads: int, log) -> dic
     from omegaconf import OmegaConf
 
     spec = {"model": OmegaConf.to_container(model_spec, resolve=True), "methods": methods,
-            "context": int(cfg.context), "steps": int(cfg.steps), "ratio": float(cfg.ratio), "threads": threads}
+            "context": int(cfg.context), "steps": int(cfg.steps), "ratio": float(cfg.ratio), "threads": threads,
+            "warmup": str(cfg.warmup)}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "kvcompress.bench.memory", json.dumps(spec)], capture_output=True,
                          text=True, env=env)

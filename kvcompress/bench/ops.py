@@ -48,8 +48,8 @@ def decode_step_ops(bm: BenchModel, variant: str, rows: list[int]) -> dict[str, 
                 model(token, attention_mask=step_mask, **cache_arg(cache), logits_to_keep=1)
     layers = model.config.num_hidden_layers
     return {"kernels_per_layer": sum(kernels.values()) / layers,
-            "ragged_layers": sum(getattr(layer, "ragged", None) is not None for layer in getattr(cache, "layers", [])),
-            "encoded_layers": sum(bool(getattr(layer, "segments", None)) for layer in getattr(cache, "layers", []))}
+            "ragged_layers": sum(getattr(layer, "ragged", None) is not None for layer in cache.layers),
+            "encoded_layers": sum(bool(getattr(layer, "segments", None)) for layer in cache.layers)}
 
 
 @torch.no_grad()

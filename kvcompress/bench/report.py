@@ -6,71 +6,143 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..errors import KVCompressError, unknown_choice
 from .common import MiB, fmt
-
-PREFILL_LIMITS = {"snapkv": 0.05, "knorm": 0.05, "tova": 0.05, "heads": 0.05,
-                  "h2o": 0.20, "expected_attention": 0.20, "lowrank": 0.20}
 
 
 def _verdict(ok: bool | None) -> str:
     return "–" if ok is None else ("**met**" if ok else "**NOT met**")
 
 
-def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def _methods(t: dict[str, Any]) -> list[str]:
+    m = t.get("method")
+    return [] if m is None else [m] if isinstance(m, str) else list(m)
 
-    def add(target, model, figure, ok):
-        rows.append({"target": target, "model": model, "figure": figure, "met": ok})
 
-    for model, dec in (r.get("decode") or {}).items():
-        for ctx, limit in (("4096", 1.0), ("16384", 0.8)):
-            out = dec["contexts"].get(ctx)
-            if out and out.get("full_vs_dynamic"):
-                s = out["full_vs_dynamic"]
-                add(f"`full` decode step ≤ {limit}× `DynamicCache` at {int(ctx) // 1024}K", model,
-                    f"{fmt(s, 3)}×", s["median"] <= limit)
-        out = dec["contexts"].get("16384")
-        if out and out.get("attention"):
-            cands = {v: a for v, a in out["attention"].items() if a.get("vs_dense") and abs(a["kept_fraction"] - 0.1) < 0.03}
-            for v, a in cands.items():
-                add("attention at kept 0.1, 16K ≤ 0.2× dense attention", model,
-                    f"{v}: {fmt(a['vs_dense'], 3)}× ({a['attend_us']['median']:.0f} vs "
-                    f"{out['attention']['full']['attend_us']['median']:.0f} µs)", a["vs_dense"]["median"] <= 0.2)
-        for ctx, out in dec["contexts"].items():
-            q = out["rows"].get("quant")
-            if q and q.get("vs_full"):
-                add(f"`quant` 4-bit decode step ≤ 1.5× `full` ({int(ctx) // 1024}K)", model, f"{fmt(q['vs_full'], 3)}×",
-                    q["vs_full"]["median"] <= 1.5)
-    for model, pre in (r.get("prefill") or {}).items():
-        out = pre["contexts"].get("4096")
-        if not out:
+def _name(t: dict[str, Any], method: str) -> str:
+    return t.get("name") or f"`{method}`"
+
+
+def _ctx(ctx: Any) -> str:
+    return f"{int(ctx) // 1024}K"
+
+
+# -- one function per `what` of a target (configs/bench/*.yaml: targets); each yields (target, figure, met) ---------
+def _decode_vs_dynamic(t: dict[str, Any], dec: dict[str, Any], ref: str):
+    out = dec["contexts"].get(str(t["context"]))
+    for m in _methods(t):
+        s = (out or {}).get(f"{m}_vs_dynamic")
+        if s:
+            yield (f"{_name(t, m)} decode step ≤ {t['limit']}× `DynamicCache` at {_ctx(t['context'])}", f"{fmt(s, 3)}×",
+                   s["median"] <= t["limit"])
+
+
+def _attention_vs_dense(t: dict[str, Any], dec: dict[str, Any], ref: str):
+    out = dec["contexts"].get(str(t["context"]))
+    if out and out.get("attention"):
+        tolerance = t.get("tolerance", 0.03)
+        cands = {v: a for v, a in out["attention"].items()
+                 if a.get("vs_dense") and abs(a["kept_fraction"] - t["kept"]) < tolerance}
+        for v, a in cands.items():
+            yield (f"attention at kept {t['kept']}, {_ctx(t['context'])} ≤ {t['limit']}× dense attention",
+                   f"{v}: {fmt(a['vs_dense'], 3)}× ({a['attend_us']['median']:.0f} vs "
+                   f"{out['attention'][ref]['attend_us']['median']:.0f} µs)", a["vs_dense"]["median"] <= t["limit"])
+
+
+def _decode_vs_reference(t: dict[str, Any], dec: dict[str, Any], ref: str):
+    for ctx, out in dec["contexts"].items():
+        if t.get("context") is not None and str(t["context"]) != ctx:
             continue
-        for m, limit in PREFILL_LIMITS.items():
-            row = out["methods"].get(m)
-            if row:
-                h, t = row["hook_overhead"], row["overhead"]
-                add(f"prefill overhead ≤ {limit:.0%} at 4K: `{m}`", model,
-                    f"hook {100 * h['median']:.1f}% ({100 * h['min']:.1f}–{100 * h['max']:.1f}); paired time "
-                    f"{100 * t['median']:+.1f}% ({100 * t['min']:+.1f}–{100 * t['max']:+.1f})", h["median"] <= limit)
-    for model, ops in (r.get("ops") or {}).items():
-        by = ops["ragged_distinct"]
-        add("ragged attention: the same kernels for 1, 4, 16 distinct per-pair counts", model,
-            ", ".join(f"{k}: {n}" for k, n in by.items()) + " kernels", len(set(by.values())) == 1)
-    for model, mem in (r.get("memory") or {}).items():
-        q = mem["rows"].get("quant")
+        for m in _methods(t):
+            q = out["rows"].get(m)
+            if q and q.get(f"vs_{ref}"):
+                yield (f"{_name(t, m)} decode step ≤ {t['limit']}× `{ref}` ({_ctx(ctx)})", f"{fmt(q[f'vs_{ref}'], 3)}×",
+                       q[f"vs_{ref}"]["median"] <= t["limit"])
+
+
+def _prefill_hook(t: dict[str, Any], pre: dict[str, Any], ref: str):
+    out = pre["contexts"].get(str(t["context"]))
+    for m in _methods(t) if out else []:
+        row = out["methods"].get(m)
+        if row:
+            h, p = row["hook_overhead"], row["overhead"]
+            yield (f"prefill overhead ≤ {t['limit']:.0%} at {_ctx(t['context'])}: {_name(t, m)}",
+                   f"hook {100 * h['median']:.1f}% ({100 * h['min']:.1f}–{100 * h['max']:.1f}); paired time "
+                   f"{100 * p['median']:+.1f}% ({100 * p['min']:+.1f}–{100 * p['max']:+.1f})",
+                   h["median"] <= t["limit"])
+
+
+def _ragged_kernels(t: dict[str, Any], ops: dict[str, Any], ref: str):
+    by = ops["ragged_distinct"]
+    yield (f"ragged attention: the same kernels for {', '.join(map(str, by))} distinct per-pair counts",
+           ", ".join(f"{k}: {n}" for k, n in by.items()) + " kernels", len(set(by.values())) == 1)
+
+
+def _resident_vs_dense(t: dict[str, Any], mem: dict[str, Any], ref: str):
+    for m in _methods(t):
+        q = mem["rows"].get(m)
         if q:
-            add("`quant` 4-bit resident ≤ 0.3× dense (incl. metadata)", model,
-                f"{q['resident_bytes'] / q['dense_bytes']:.3f}× ({q['resident_bytes'] / MiB:.2f} / "
-                f"{q['dense_bytes'] / MiB:.2f} MiB)", q["resident_bytes"] <= 0.3 * q["dense_bytes"])
-        worst, worst_m = 0.0, None
-        for m, row in mem["rows"].items():
-            for key in ("resident_bytes", "storage_bytes"):
-                dev = abs(row[key] / row["kept_bytes"] - 1) if row["kept_bytes"] else 0.0
-                if dev > worst:
-                    worst, worst_m = dev, f"{m} ({key.split('_')[0]})"
-        add("resident bytes = `kept_bytes` within 1%, every method", model,
-            f"worst {100 * worst:.2f}%" + (f": {worst_m}" if worst_m else "") + f" over {len(mem['rows'])} methods",
-            worst <= 0.01)
+            yield (f"{_name(t, m)} resident ≤ {t['limit']}× dense (incl. metadata)",
+                   f"{q['resident_bytes'] / q['dense_bytes']:.3f}× ({q['resident_bytes'] / MiB:.2f} / "
+                   f"{q['dense_bytes'] / MiB:.2f} MiB)", q["resident_bytes"] <= t["limit"] * q["dense_bytes"])
+
+
+def _resident_vs_kept(t: dict[str, Any], mem: dict[str, Any], ref: str):
+    worst, worst_m = 0.0, None
+    for m, row in mem["rows"].items():
+        for key in ("resident_bytes", "storage_bytes"):
+            dev = abs(row[key] / row["kept_bytes"] - 1) if row["kept_bytes"] else 0.0
+            if dev > worst:
+                worst, worst_m = dev, f"{m} ({key.split('_')[0]})"
+    yield (f"resident bytes = `kept_bytes` within {t['limit']:.0%}, every method",
+           f"worst {100 * worst:.2f}%" + (f": {worst_m}" if worst_m else "") + f" over {len(mem['rows'])} methods",
+           worst <= t["limit"])
+
+
+#: ``what`` -> (the part of the results it reads, the function, the fields a target of it needs)
+MEASURES = {
+    "decode_vs_dynamic": ("decode", _decode_vs_dynamic, ("method", "context", "limit")),
+    "attention_vs_dense": ("decode", _attention_vs_dense, ("kept", "context", "limit")),
+    "decode_vs_reference": ("decode", _decode_vs_reference, ("method", "limit")),
+    "prefill_hook": ("prefill", _prefill_hook, ("method", "context", "limit")),
+    "ragged_kernels": ("ops", _ragged_kernels, ()),
+    "resident_vs_dense": ("memory", _resident_vs_dense, ("method", "limit")),
+    "resident_vs_kept": ("memory", _resident_vs_kept, ("limit",)),
+}
+#: the fields a target may have; parts are reported in the order of PARTS
+FIELDS = ("what", "method", "name", "model", "context", "limit", "kept", "tolerance")
+PARTS = ("decode", "prefill", "ops", "memory")
+
+
+def check_targets(specs: Any) -> None:
+    """A one-line error for a target the report could not judge (before anything is measured)."""
+    for i, t in enumerate(specs or []):
+        if not isinstance(t, dict) or t.get("what") not in MEASURES:
+            what = t.get("what") if isinstance(t, dict) else t
+            raise unknown_choice(f"targets[{i}] `what`", what, MEASURES)
+        for key in t:
+            if key not in FIELDS:
+                raise unknown_choice(f"field of targets[{i}]", key, FIELDS)
+        missing = [key for key in MEASURES[t["what"]][2] if t.get(key) is None]
+        if missing:
+            raise KVCompressError(f"targets[{i}] ({t['what']}) has no {', '.join(missing)}; valid: "
+                                  f"{{what: {t['what']}, {', '.join(f'{k}: ...' for k in MEASURES[t['what']][2])}}}")
+
+
+def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """One verdict per target of the config (``r["config"]["targets"]``) and model measured: part by part, model by
+    model, targets in their config order."""
+    cfg = r.get("config") or {}
+    specs = list(cfg.get("targets") or [])
+    ref = (cfg.get("decode") or {}).get("reference")
+    rows: list[dict[str, Any]] = []
+    for part in PARTS:
+        for model, block in (r.get(part) or {}).items():
+            for t in specs:
+                where, measure, _ = MEASURES[t["what"]]
+                if where == part and t.get("model") in (None, model):
+                    rows += [{"target": target, "model": model, "figure": figure, "met": ok}
+                             for target, figure, ok in measure(t, block, ref)]
     return rows
 
 
@@ -136,6 +208,7 @@ def write(r: dict[str, Any], path: Path) -> None:
             L.append("Set-up: " + "; ".join(f"{k}: {v}" for k, v in pre["notes"].items()) + ".")
         L.append("")
 
+    ref = ((r.get("config") or {}).get("decode") or {}).get("reference")  # the variant decode compares with
     bw = (r.get("bandwidth") or {}).get("bandwidth_GBps", {}).get("median")
     bw_read = (r.get("bandwidth") or {}).get("read_GBps", {}).get("median")
     for model, dec in (r.get("decode") or {}).items():
@@ -146,15 +219,15 @@ def write(r: dict[str, Any], path: Path) -> None:
               "time.", ""]
         for c, out in dec["contexts"].items():
             L += [f"**{int(c) // 1024}K context** (load at end {out['load_end']})", "",
-                  "| variant | kept fraction | bytes read (MiB) | step (ms) | vs `full` | effective GB/s | load |",
+                  f"| variant | kept fraction | bytes read (MiB) | step (ms) | vs `{ref}` | effective GB/s | load |",
                   "|---|---|---|---|---|---|---|"]
             for v, row in out["rows"].items():
-                vs = fmt(row["vs_full"], 3) if row["vs_full"] else "–"
+                vs = fmt(row[f"vs_{ref}"], 3) if row.get(f"vs_{ref}") else "–"
                 L.append(f"| {v}{' (ragged)' if row['ragged'] else ''} | {row['kept_fraction']:.3f} | "
                          f"{row['bytes_read'] / MiB:.1f} | {fmt(row['step_ms'])} | {vs} | {row['effective_GBps']:.2f} | "
                          f"{row['load_1min']['median']:.1f} |")
-            if out.get("full_vs_dynamic"):
-                L.append(f"\n`full` / `DynamicCache` per-step ratio: **{fmt(out['full_vs_dynamic'], 3)}**")
+            if out.get(f"{ref}_vs_dynamic"):
+                L.append(f"\n`{ref}` / `DynamicCache` per-step ratio: **{fmt(out[f'{ref}_vs_dynamic'], 3)}**")
             if out.get("attention"):
                 L += ["", "One layer's attention call (`KVCompressLayer.attend`, layer 0, random query):", "",
                       "| variant | kept fraction | attend (µs) | vs dense |", "|---|---|---|---|"]
@@ -165,7 +238,7 @@ def write(r: dict[str, Any], path: Path) -> None:
         f = dec.get("fit") or {}
         if "b_s_per_GB" in f:
             frac = f["effective_GBps"] / bw if bw and math.isfinite(f["effective_GBps"]) else float("nan")
-            L += [f"Fit over {f['points']} dense-path points (`full` + uniform token methods, all contexts): "
+            L += [f"Fit over {f['points']} dense-path points (`{ref}` + uniform token methods, all contexts): "
                   f"t = {f['a_ms']:.2f} ms + {f['b_s_per_GB'] * 1e3:.2f} ms/GB · bytes (R² {f['r2']:.3f}); "
                   f"marginal bandwidth 1/b = **{f['effective_GBps']:.2f} GB/s** = **{frac:.2f}×** the measured copy "
                   f"bandwidth ({bw:.2f} GB/s)"

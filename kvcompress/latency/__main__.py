@@ -1,33 +1,33 @@
-"""CLI: ``python -m kvcompress.latency [table] [key=value ...]``.
+"""CLI: ``python -m kvcompress.latency [table] [key=value ...]`` (Hydra overrides, like ``python -m kvcompress.run``).
 
 Examples::
 
     python -m kvcompress.latency model=yi-34b-200k context=50000 hardware=a100-80gb
-    python -m kvcompress.latency model=llama-3.1-8b context=4K,32K,128K tp=1,2 token_fraction=0.25
+    python -m kvcompress.latency model=llama-3.1-8b context=[4K,32K,128K] tp=[1,2] token_fraction=0.25
     python -m kvcompress.latency sweep=context            # 4K … 1M
     python -m kvcompress.latency sweep=tp context=50K     # TP 1, 2, 4, 8
     python -m kvcompress.latency table [out=paper_tables] # regenerate paper_tables/fu2024.{md,tex}
 
-Keys: model, hardware, context, output, users, tp, efficiency, convention, sweep, out, and the compression
+Options and their defaults: ``configs/latency/estimate.yaml`` (``table``: ``configs/latency/table.yaml``), printed
+by ``--help``: model, hardware, context, output, users, tp, efficiency, convention, sweep, and the compression
 factors of :meth:`CompressionProfile.uniform`: token_fraction, head_fraction, layer_fraction, rank_fraction,
-key_bits, value_bits, group_size. ``context`` and ``tp`` take comma lists; "50K" = 50,000.
+key_bits, value_bits, group_size. ``context`` and ``tp`` take one value or a list; "50K" = 50,000.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from ..cli import Command, fail
+from ..cli import main as cli_main
 from ..errors import KVCompressError, unknown_choice
 from .metrics import CONVENTIONS, Workload, estimate, parse_tokens
 from .model_profile import load_model_profile
 from .profile import CompressionProfile
 
-SWEEP_CONTEXTS = "4K,8K,16K,32K,50K,100K,200K,500K,1M"
-SWEEP_TP = "1,2,4,8"
 _FLOAT_KEYS = ("token_fraction", "head_fraction", "layer_fraction", "rank_fraction", "key_bits", "value_bits")
-_KEYS = ("model", "hardware", "context", "output", "users", "tp", "efficiency", "convention", "sweep", "out",
-         "group_size", *_FLOAT_KEYS)
 
 _ROWS = [("KV per user (GiB)", "kv_gib", 3), ("decode bytes/step (GB)", "decode_bytes_per_step", 2),
          ("users that fit", "users_fit", 2), ("concurrency", "concurrency", 0), ("prefill (s)", "prefill_s", 3),
@@ -38,73 +38,90 @@ _ROWS = [("KV per user (GiB)", "kv_gib", 3), ("decode bytes/step (GB)", "decode_
 _RATIO_OF = {"users_fit": "concurrency", "kv_gib": "kv_bytes", "decode_ms_per_token": "decode_s"}
 
 
-def _parse(argv: Sequence[str]) -> tuple[bool, dict[str, str]]:
-    table, args = False, {}
-    for item in argv:
-        if item == "table":
-            table = True
-            continue
-        if "=" not in item:
-            raise KVCompressError(f"argument {item!r} is not key=value; valid keys: {', '.join(_KEYS)}")
-        key, value = item.lstrip("+").split("=", 1)
-        if key not in _KEYS:
-            raise unknown_choice("option", key, _KEYS)
-        args[key] = value
-    return table, args
+def _values(value: Any) -> list[Any]:
+    """One value or a list of them (a quoted comma list ``'4K,32K'`` too)."""
+    if isinstance(value, str):
+        return value.split(",")
+    if isinstance(value, (int, float)):
+        return [value]
+    return list(value)
 
 
-def _int(args: dict[str, str], key: str, default: int) -> int:
+def _int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise KVCompressError(f"{key}={value!r} is not an integer; valid: an integer >= 1")
     try:
-        return int(args.get(key, default))
+        return int(str(value))
     except ValueError:
-        raise KVCompressError(f"{key}={args[key]!r} is not an integer; valid: an integer >= 1") from None
+        raise KVCompressError(f"{key}={value!r} is not an integer; valid: an integer >= 1") from None
 
 
 def _fmt(value: float, digits: int, scale: float = 1.0) -> str:
     return f"{value / scale:,.{digits}f}"
 
 
+def estimate_command(cfg: Any) -> int:
+    """The metrics table of ``configs/latency/estimate.yaml`` + overrides."""
+    sweeps = cfg.sweeps or {}
+    sweep = cfg.sweep
+    if sweep is not None and sweep not in sweeps:
+        raise unknown_choice("sweep", sweep, list(sweeps))
+    context = cfg.context if cfg.context is not None else (sweeps["context"] if sweep == "context" else "50K")
+    tp = cfg.tp if cfg.tp is not None else (sweeps["tp"] if sweep == "tp" else 1)
+    contexts = [parse_tokens(c) for c in _values(context)]
+    tps = [_int("tp", t) for t in _values(tp)]
+    if cfg.convention not in CONVENTIONS:
+        raise unknown_choice("convention", cfg.convention, CONVENTIONS)
+    model = load_model_profile(str(cfg.model))
+    factors: dict[str, Any] = {}
+    for k in _FLOAT_KEYS:
+        if cfg[k] is not None:
+            try:
+                factors[k] = float(cfg[k])
+            except (TypeError, ValueError):
+                raise KVCompressError(f"{k}={cfg[k]!r} is not a number; valid: a number") from None
+    if cfg.group_size is not None:
+        factors["group_size"] = _int("group_size", cfg.group_size)
+    reports = []
+    for n in contexts:
+        for t in tps:
+            wl = Workload(n, _int("output", cfg.output), _int("users", cfg.users), t)
+            comp = CompressionProfile.uniform(model, n, **factors) if factors else None
+            reports.append(estimate(model, str(cfg.hardware), wl, compression=comp, efficiency=str(cfg.efficiency),
+                                    convention=cfg.convention))
+    print(_render(reports, bool(factors)))
+    return 0
+
+
+def table_command(cfg: Any) -> int:
+    """Regenerate ``fu2024.md`` / ``fu2024.tex`` into ``out`` (default: the repository's ``paper_tables/``)."""
+    from .fu2024 import write_tables
+
+    for path in write_tables(cfg.out):
+        print(path)
+    return 0
+
+
+COMMANDS = {
+    "estimate": Command("latency/estimate", estimate_command, """Fu 2024's serving metrics (KV bytes per user, users
+        that fit, prefill, decode and context-switch time, throughput) of a model on a GPU type, for one context or a
+        list (sweep=context: 4K ... 1M; sweep=tp: 1, 2, 4, 8 GPUs), uncompressed or with the kept fractions and bits
+        of a compressed cache (token_fraction=0.25, key_bits=4, ...). `table` regenerates paper_tables/fu2024.md and
+        .tex."""),
+    "table": Command("latency/table", table_command, """Regenerate fu2024.md and fu2024.tex (Fu 2024's running
+        example recomputed with this library, the paper's published figures beside them) into `out` (default: the
+        repository's paper_tables/)."""),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 on a bad input, with a one-line message on stderr)."""
     try:
-        table, args = _parse(sys.argv[1:] if argv is None else argv)
-        if table:
-            from .tables import write_tables
-
-            for path in write_tables(args.get("out")):
-                print(path)
-            return 0
-        sweep = args.get("sweep")
-        if sweep not in (None, "context", "tp"):
-            raise unknown_choice("sweep", sweep, ("context", "tp"))
-        contexts = [parse_tokens(c) for c in args.get("context", SWEEP_CONTEXTS if sweep == "context" else "50K")
-                    .split(",")]
-        tps = [_int({"tp": t}, "tp", 1) for t in args.get("tp", SWEEP_TP if sweep == "tp" else "1").split(",")]
-        convention = args.get("convention", "exact")
-        if convention not in CONVENTIONS:
-            raise unknown_choice("convention", convention, CONVENTIONS)
-        model = load_model_profile(args.get("model", "yi-34b-200k"))
-        factors = {}
-        for k in _FLOAT_KEYS:
-            if k in args:
-                try:
-                    factors[k] = float(args[k])
-                except ValueError:
-                    raise KVCompressError(f"{k}={args[k]!r} is not a number") from None
-        if "group_size" in args:
-            factors["group_size"] = _int(args, "group_size", 0)
-        reports = []
-        for n in contexts:
-            for tp in tps:
-                wl = Workload(n, _int(args, "output", 250), _int(args, "users", 1), tp)
-                comp = CompressionProfile.uniform(model, n, **factors) if factors else None
-                reports.append(estimate(model, args.get("hardware", "a100-80gb"), wl, compression=comp,
-                                        efficiency=args.get("efficiency", "peak"), convention=convention))
-        print(_render(reports, bool(factors)))
-        return 0
+        status = cli_main("python -m kvcompress.latency", COMMANDS, sys.argv[1:] if argv is None else argv,
+                          default="estimate")
     except KVCompressError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
+    return 0 if status is None else int(status)
 
 
 def _render(reports: list, compressed: bool) -> str:

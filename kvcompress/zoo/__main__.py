@@ -1,84 +1,111 @@
-"""``python -m kvcompress.zoo build [--out DIR]`` / ``check`` / ``path`` / ``train``.
+"""``python -m kvcompress.zoo build|check|path|train [key=value ...]`` (Hydra overrides, like ``kvcompress.run``).
 
-* ``build``  — build the **constructed** testbed (tokenizer + weights + ``kvcompress_testbed.json``) into DIR, or
-  into the cache directory used by :func:`kvcompress.zoo.testbed_path` when DIR is omitted.
+* ``build``  — build the **constructed** testbed (tokenizer + weights + ``kvcompress_testbed.json``) into ``out=DIR``,
+  or into the cache directory used by :func:`kvcompress.zoo.testbed_path` when ``out`` is not given.
 * ``check``  — full-cache needle grid through ``model.generate`` after ``AutoModelForCausalLM.from_pretrained``:
-  ``python -m kvcompress.zoo check --lengths 256,1024,4096,8192 [--out paper_tables/testbed.md]`` (``--out`` writes
+  ``python -m kvcompress.zoo check lengths=[256,1024,4096,8192] [out=paper_tables/testbed.md]`` (``out`` writes
   the grid as Markdown: per length × depth results, timing, machine).
 * ``path``   — print the testbed directory (building it if needed).
-* ``train``  — the learned-testbed recipe (GPU):
-  ``python -m kvcompress.zoo train --config configs/train/testbed-learned.yaml``.
+* ``train``  — the learned-testbed recipe (GPU): ``python -m kvcompress.zoo train [config=testbed-learned|PATH.yaml]
+  [optim.steps=100 ...]`` (``configs/train/``).
+
+Each command's options and their defaults: ``configs/zoo/<command>.yaml`` (``train``: ``configs/train/``), printed by
+``python -m kvcompress.zoo COMMAND --help``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from ..cli import Command, fail
+from ..cli import main as cli_main
+from ..errors import KVCompressError, unknown_choice
+
+TEMPLATES = ("magic_number", "passkey", "kamradt")
+
+
+def build_command(cfg: Any) -> int:
+    from .testbed import build, testbed_path
+
+    t0 = time.perf_counter()
+    out = build(cfg.out) if cfg.out else testbed_path(rebuild=True)
+    print(f"built constructed testbed in {time.perf_counter() - t0:.2f}s -> {out}")
+    return 0
+
+
+def path_command(cfg: Any) -> int:
+    from .testbed import testbed_path
+
+    print(testbed_path())
+    return 0
+
+
+def check_command(cfg: Any, argv: list[str]) -> int:
+    if cfg.template not in TEMPLATES:
+        raise unknown_choice("template", cfg.template, TEMPLATES)
+    import torch
+
+    from .testbed import check_grid, grid_markdown
+
+    torch.set_num_threads(int(cfg.threads))
+    res = check_grid(
+        cfg.path,
+        lengths=[int(x) for x in cfg.lengths],
+        depths=[float(x) for x in cfg.depths],
+        num_distractors=int(cfg.distractors),
+        template=str(cfg.template),
+        seed=int(cfg.seed),
+    )
+    if cfg.out:
+        command = "python -m kvcompress.zoo " + " ".join(argv)
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(grid_markdown(res, command))
+        print(f"wrote {out}")
+    return 0 if res["accuracy"] == 1.0 else 1
+
+
+def train_command(cfg: Any) -> int:
+    from omegaconf import OmegaConf
+
+    from .train import train
+
+    out = train(OmegaConf.to_container(cfg, resolve=True))
+    print(f"trained learned testbed -> {out}")
+    return 0
+
+
+def commands(argv: list[str]) -> dict[str, Command]:
+    return {
+        "build": Command("zoo/build", build_command, """Build the constructed testbed (a 3-layer Llama whose weights
+            are set by hand to implement a retrieval circuit: tokenizer, weights and kvcompress_testbed.json) into
+            out=DIR, or into the cache directory (rebuilt) when out is not given."""),
+        "check": Command("zoo/check", lambda cfg: check_command(cfg, argv), """Full-cache needle grid of the testbed
+            (length x depth, exact match) through model.generate after AutoModelForCausalLM.from_pretrained; out=FILE
+            writes it as Markdown with timing and machine (paper_tables/testbed.md). Exit status 1 unless every
+            prompt is answered."""),
+        "path": Command("zoo/path", path_command, """Print the testbed directory (building it if needed)."""),
+        "train": Command("train/testbed-learned", train_command, """The learned-testbed recipe: train a small Llama
+            from scratch on synthetic retrieval data (needs a GPU to be useful); config=NAME picks a config under
+            configs/train/ (or config=PATH.yaml), key=value overrides any of its entries (optim.steps=100).""",
+                         choose="train"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 on a bad input, with a one-line message on stderr)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = argparse.ArgumentParser(prog="python -m kvcompress.zoo", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build the constructed testbed")
-    b.add_argument("--out", default=None, help="output directory (default: the cache directory)")
-    c = sub.add_parser("check", help="full-cache needle grid")
-    c.add_argument("--path", default=None, help="testbed directory (default: build/cached)")
-    c.add_argument("--lengths", default="256,1024,4096,8192")
-    c.add_argument("--depths", default=",".join(str(i / 10) for i in range(11)))
-    c.add_argument("--distractors", type=int, default=3)
-    c.add_argument("--template", default="magic_number", choices=["magic_number", "passkey", "kamradt"])
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--threads", type=int, default=1)
-    c.add_argument("--out", default=None, help="write the grid as Markdown to this file (e.g. paper_tables/testbed.md)")
-    sub.add_parser("path", help="print the testbed directory")
-    t = sub.add_parser("train", help="learned-testbed recipe (needs a GPU for useful runs)")
-    t.add_argument("--config", default=None)
-    t.add_argument("overrides", nargs="*", help="key=value overrides of the config")
-    args = parser.parse_args(argv)
-
-    if args.cmd == "build":
-        from .testbed import build, testbed_path
-
-        t0 = time.perf_counter()
-        out = build(args.out) if args.out else testbed_path(rebuild=True)
-        print(f"built constructed testbed in {time.perf_counter() - t0:.2f}s -> {out}")
-        return 0
-    if args.cmd == "path":
-        from .testbed import testbed_path
-
-        print(testbed_path())
-        return 0
-    if args.cmd == "check":
-        import torch
-
-        from .testbed import check_grid, grid_markdown
-
-        torch.set_num_threads(args.threads)
-        res = check_grid(
-            args.path,
-            lengths=[int(x) for x in args.lengths.split(",")],
-            depths=[float(x) for x in args.depths.split(",")],
-            num_distractors=args.distractors,
-            template=args.template,
-            seed=args.seed,
-        )
-        if args.out:
-            command = "python -m kvcompress.zoo " + " ".join(argv if argv is not None else sys.argv[1:])
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(grid_markdown(res, command))
-            print(f"wrote {out}")
-        return 0 if res["accuracy"] == 1.0 else 1
-    if args.cmd == "train":
-        from .train import main as train_main
-
-        return train_main(args.config, args.overrides)
-    return 2
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = cli_main("python -m kvcompress.zoo", commands(args), args)
+    except KVCompressError as err:
+        return fail(err)
+    return 0 if status is None else int(status)
 
 
 if __name__ == "__main__":

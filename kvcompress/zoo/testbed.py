@@ -35,10 +35,10 @@ Circuit (heads are query heads; KV head = query head // 2):
 Ground truth (also in ``kvcompress_testbed.json`` next to the weights): retrieval head (layer 1, query head 0) on KV
 head (1, 0); previous-token heads (0, 0) and (0, 1) on KV head (0, 0), which only ever needs the last two tokens.
 
-Measured (full cache, ``model.generate`` after ``from_pretrained``, ``python -m kvcompress.zoo check``): 100% exact
+Measured (full cache, ``model.generate`` after ``from_pretrained``, ``python -m kvcompress.sweep testbed``): 100% exact
 match on magic_number needles with 3 distractor keys at lengths 256, 1K, 4K, 8K and 16K × depths 0, 0.1, …, 1
 (seed 0; seeds 1–5 at 256/1K/4K also 100%), with 10 distractors, and on passkey; the seed-0 grid with timing is
-recorded in ``paper_tables/testbed.md`` (``python -m kvcompress.zoo check ... --out``). Compression behaves as the
+recorded in ``paper_tables/testbed.md`` (row in ``paper_tables/rows/testbed.jsonl``). Compression behaves as the
 circuit predicts: ``streaming`` at 10% answers only needles inside its recent window; ``random`` at ratio r answers
 a 2-token value with probability between r² and r (the first answer token comes from the prefill forward, which sees
 the whole prompt; the second needs the needle's entry in the retrieval head's cache, kept with probability ≈ r, and
@@ -66,8 +66,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-
-from ..compat import cache_arg
 
 VERSION = "1"
 METADATA_FILE = "kvcompress_testbed.json"
@@ -363,15 +361,15 @@ def load(path: str | Path | None = None, *, attn_implementation: str = "sdpa"):
     return model, tok
 
 
-@torch.no_grad()
 def answer(model, tokenizer, sample, cache=None) -> str:
-    """Greedy continuation of a :class:`~kvcompress.eval.needle.NeedleSample` through ``model.generate``."""
-    enc = tokenizer(sample.prompt, return_tensors="pt")
-    kwargs = {} if cache is None else cache_arg(cache)
-    out = model.generate(
-        **enc, max_new_tokens=sample.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kwargs
-    )
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    """Greedy continuation of a :class:`~kvcompress.eval.needle.NeedleSample` (``sample.new_tokens`` tokens) through
+    the evaluation loop's ``model.generate`` (:func:`kvcompress.eval.loop.run_sample`); ``cache``: a compressed
+    cache, None for the model's own."""
+    from kvcompress.eval.loop import Sample, run_sample
+
+    outcome, _ = run_sample(model, Sample(prompt=sample.prompt, new_tokens=sample.new_tokens), lambda: cache,
+                            tokenizer=tokenizer)
+    return outcome.text
 
 
 def binomial_band(trials: int, p: float, tail: float = 1e-3) -> tuple[int, int]:
@@ -402,92 +400,46 @@ def check_grid(
     seed: int = 0,
     verbose: bool = True,
 ) -> dict:
-    """Full-cache exact-match accuracy on a length × depth needle grid through ``model.generate`` after
-    ``from_pretrained``; returns ``{"accuracy", "cells": {(length, depth): {...}}, "seconds": {length: s}, ...}``."""
-    from kvcompress.eval.needle import make_needle_samples, score_exact_match
+    """Full-cache exact-match accuracy on a length × depth needle grid (the needle evaluation on the evaluation loop,
+    ``model.generate`` after ``from_pretrained``, ``method=full``); returns ``{"accuracy", "row", "path"}`` where
+    ``row`` is a results row (:class:`kvcompress.results.Row`, as a dict) that :func:`grid_markdown` renders. The
+    committed grid comes from the same evaluation through ``python -m kvcompress.sweep testbed``."""
+    import kvcompress
+    from kvcompress.eval.loop import evaluate
+    from kvcompress.eval.needle import NeedleTask
+    from kvcompress.results import Row, provenance
 
+    torch_threads = torch.get_num_threads()
     t_load = time.perf_counter()
     model, tok = load(path)
     load_seconds = time.perf_counter() - t_load
-    results: dict[tuple[int, float], dict] = {}
-    seconds: dict[int, float] = {}
-    for length in lengths:
-        t0 = time.perf_counter()
-        samples = make_needle_samples(
-            tok, [length], depths, template=template, num_distractors=num_distractors if template ==
-            "magic_number" else 0, seed=seed
-        )
-        row = []
-        for s in samples:
-            pred = answer(model, tok, s)
-            ok = score_exact_match(pred, s.answer)
-            row.append(ok)
-            results[(length, s.depth)] = {"ok": ok, "pred": pred, "answer": s.answer, "tokens": s.num_tokens,
-                                          "actual_depth": s.actual_depth}
-        seconds[length] = time.perf_counter() - t0
-        if verbose:
-            cells = " ".join("1" if x else "0" for x in row)
-            print(f"len {length:6d}: {cells}  acc={sum(row) / len(row):.2f}  ({seconds[length]:.1f}s)", flush=True)
-    acc = sum(r["ok"] for r in results.values()) / max(1, len(results))
+    cfg = {"lengths": [int(n) for n in lengths], "depths": [float(d) for d in depths], "template": template,
+           "num_distractors": num_distractors if template == "magic_number" else 0}
+    t0 = time.perf_counter()
+    result = evaluate(model, NeedleTask(cfg, seed, tok), lambda: kvcompress.compress(model, "full"), tokenizer=tok)
+    row = Row(
+        config_key="zoo-check", method="full", task="needle",
+        model={"name": "testbed", "constructed": True, "random_init": False},
+        config={"seed": seed, "eval": {"name": "needle", **cfg}}, accuracy=result.accuracy, memory=result.memory,
+        samples=result.samples, query_aware=True,
+        timing={"load_s": round(load_seconds, 3), "eval_s": round(time.perf_counter() - t0, 3),
+                "samples_s": [round(s, 3) for s in result.seconds]},
+        provenance=provenance(seed, "cpu", torch_threads),
+    ).to_dict()
     if verbose:
-        print(f"overall exact match: {acc:.3f} over {len(results)} samples")
-    return {"accuracy": acc, "cells": results, "seconds": seconds, "load_seconds": load_seconds,
-            "lengths": list(lengths), "depths": list(depths), "num_distractors": num_distractors,
-            "template": template, "seed": seed, "path": str(path if path is not None else testbed_path())}
+        for length in cfg["lengths"]:
+            cells = [s for s in result.samples if s["meta"]["length"] == length]
+            marks = " ".join("1" if s["exact_match"] else "0" for s in cells)
+            secs = sum(t for s, t in zip(result.samples, result.seconds) if s["meta"]["length"] == length)
+            print(f"len {length:6d}: {marks}  acc={sum(s['exact_match'] for s in cells) / len(cells):.2f}  ({secs:.1f}s)",
+                  flush=True)
+        print(f"overall exact match: {result.accuracy['exact_match']:.3f} over {len(result.samples)} samples")
+    return {"accuracy": result.accuracy["exact_match"], "row": row,
+            "path": str(path if path is not None else testbed_path())}
 
 
 def grid_markdown(res: dict, command: str) -> str:
-    """The :func:`check_grid` result as a Markdown page: a length × depth table of exact matches, per-length
-    timing, the machine it ran on and the command that made it."""
-    lengths, depths = res["lengths"], res["depths"]
-    cells = res["cells"]
-    from kvcompress.bench.common import machine
+    """The :func:`check_grid` result as a Markdown page (rendered by :mod:`kvcompress.tables.testbed`)."""
+    from kvcompress.tables.testbed import render
 
-    mi = machine()
-    total = sum(res["seconds"].values())
-    distractors = f" with {res['num_distractors']} distractor keys" if res["template"] == "magic_number" else ""
-    lines = [
-        "# Constructed testbed: full-cache needle grid",
-        "",
-        (
-            "**Constructed model** (hand-set weights, not trained; see `kvcompress/zoo/testbed.py`): 100% here shows "
-            "the retrieval circuit works at every length and depth, so a compressed cache that loses accuracy lost "
-            "what the circuit needs. It says nothing about how a learned LLM would score."
-        ),
-        "",
-        (
-            "Path: `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` of the built testbed, "
-            f"then `model.generate` (greedy) with the full cache. Needle template `{res['template']}`{distractors}, "
-            f"seed {res['seed']}, exact match. Overall: **{100 * res['accuracy']:.1f}%** exact match over "
-            f"{len(cells)} prompts."
-        ),
-        "",
-        "| length | prompt tokens | " + " | ".join(f"d={d:g}" for d in depths) + " | accuracy | seconds |",
-        "|---" * (len(depths) + 4) + "|",
-    ]
-    for length in lengths:
-        row = [cells[(length, float(d))] for d in depths]
-        acc = sum(c["ok"] for c in row) / len(row)
-        tokens = sorted({c["tokens"] for c in row})
-        span = f"{tokens[0]}" if len(tokens) == 1 else f"{tokens[0]}–{tokens[-1]}"
-        marks = " | ".join("✓" if c["ok"] else f"✗ `{c['pred'].strip()}`" for c in row)
-        lines.append(f"| {length} | {span} | {marks} | {100 * acc:.0f}% | {res['seconds'][length]:.1f} |")
-    lines += [
-        "",
-        (
-            "✓ = exact match of the needle's value; ✗ shows the wrong answer. d = requested needle depth (the "
-            "generator places the needle at the nearest sentence boundary)."
-        ),
-        "",
-        (
-            f"Timing (wall clock): {total:.1f} s for the grid (generation only; model load "
-            f"{res['load_seconds']:.2f} s), {mi['torch_threads']} torch thread(s)."
-        ),
-        (
-            f"Machine: {mi['cpu']}, {mi['logical_cpus']} cores visible; Python {mi['python']}, torch {mi['torch']}, "
-            f"transformers {mi['transformers']} ({mi['platform']})."
-        ),
-        "",
-        f"Generated by `{command}`.",
-    ]
-    return "\n".join(lines) + "\n"
+    return render(res["row"], command)

@@ -1,6 +1,6 @@
 """Learned testbed recipe: train a small Llama from scratch on synthetic retrieval data (needs a GPU to be useful).
 
-``python -m kvcompress.zoo train --config configs/train/testbed-learned.yaml [key=value ...]``
+``python -m kvcompress.zoo train [config=testbed-learned|PATH.yaml] [key=value ...]`` (Hydra overrides)
 
 * Tokenizer: the word-level grouped-digit tokenizer of :mod:`kvcompress.zoo.tokenizer` (same as the constructed
   testbed; a digit group of up to 3 digits is one token, so 7-digit values are 3 tokens and copyable).

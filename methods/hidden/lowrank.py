@@ -11,7 +11,7 @@ post-hoc projection, not Palu's weight decomposition.
   model-side data: their bytes go to ``cache.shared["lowrank"]["basis_bytes"]``, not to the cache bytes.
 * RoPE: keys are projected **post-RoPE** (the keys the cache holds), so attention needs nothing re-applied; the
   price is that the basis must also cover the rotation of the position-encoding pairs (pre-RoPE projection would
-  need the keys' positions and a re-rotation at attention time; see ``benchmarks/hidden_needle.py`` for both
+  need the keys' positions and a re-rotation at attention time; see ``scripts/rope_check.py`` for both
   measured).
 * The cache stores ``r``-dim coefficients per token, keys and values, in the cache dtype: ``ratio = r / head_dim``,
   ``r = max(1, round(ratio · head_dim))``, or ``rank=r`` directly. ``ratio=1.0`` keeps every direction (exact up to

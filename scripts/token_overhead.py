@@ -1,6 +1,6 @@
 """Token scorers on the tiny model: compression overhead at 4K and peak memory at 16K.
 
-    python benchmarks/token_overhead.py [--methods snapkv,knorm,tova,h2o,expected_attention]
+    python scripts/token_overhead.py [--methods snapkv,knorm,tova,h2o,expected_attention]
                                         [--overhead-context 4096] [--peak-context 16384] [--repeats 3] [--threads 1]
 
 Overhead: the time spent in compression during the prefill (materialising the layer view, scoring, selecting and

@@ -1,6 +1,6 @@
 """Decode-step time of the ``full`` compressed cache vs the stock ``DynamicCache`` on the tiny model.
 
-    python benchmarks/decode_step.py [--context 8192] [--steps 32] [--repeats 5] [--threads 1]
+    python scripts/decode_step.py [--context 8192] [--steps 32] [--repeats 5] [--threads 1]
 
 Prints the median (min–max) over repeats of the mean per-step time, and the ratio full / DynamicCache. A figure,
 not a test: the stock layer copies the whole layer (torch.cat) at every step, ours appends into spare capacity.
