@@ -18,7 +18,7 @@ import yaml
 
 from ..tables.render import Table, latex_lines, markdown_sections
 from .hardware import list_hardware, load_hardware
-from .metrics import Workload, estimate, kv_replication, truncate
+from .metrics import Serving, Workload, estimate, kv_replication, truncate
 from .model_profile import load_model_profile
 from .profile import CompressionProfile
 
@@ -27,7 +27,9 @@ CONTEXTS = (4_000, 50_000, 100_000, 200_000, 1_000_000)
 TP_DEGREES = (1, 2, 4, 8)
 
 
-def _f(x: float, digits: int = 2) -> str:
+def _f(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return "does not fit"
     if isinstance(x, float) and not math.isfinite(x):
         return "∞"
     return f"{x:,.{digits}f}"
@@ -70,19 +72,34 @@ def comparison_table() -> Table:
 
 def context_table() -> Table:
     rows = []
+    limit = load_model_profile(MODEL).max_position_embeddings
     for n in CONTEXTS:
         p1 = estimate(MODEL, HARDWARE, Workload(n, N_OUT), convention="paper")
         p2 = estimate(MODEL, HARDWARE, Workload(n, N_OUT, tp=2), convention="paper")
-        ex = estimate(MODEL, HARDWARE, Workload(n, N_OUT), convention="exact")
-        rows.append([f"{n:,}", _f(p1.kv_gib, 3), _f(p1.prefill_s, 2), _f(p1.decode_s, 2), _f(ex.decode_s, 2),
-                     _f(p1.decode_ms_per_token, 1), _f(p1.users_fit, 2), _f(p2.users_fit, 1), _f(ex.users_fit, 2),
-                     _f(p1.context_switch_s, 2), _f(ex.session_throughput_tok_s, 1)])
+        if n + N_OUT <= limit:
+            ex = estimate(MODEL, HARDWARE, Workload(n, N_OUT), convention="exact")
+            bare = estimate(MODEL, HARDWARE, Workload(n, N_OUT), convention="exact",
+                            serving=Serving(memory_utilization=1.0, activation_reserve=0))
+            exact = [_f(ex.prefill_s, 2), _f(ex.decode_s, 2), _f(bare.users_fit, 2), _f(ex.users_fit, 2),
+                     _f(ex.session_throughput_tok_s, 1)]
+        else:
+            exact = [f"> {limit // 1000}K limit"] * 5
+        rows.append([f"{n:,}", _f(p1.kv_gib, 3), _f(p1.prefill_s, 2), _f(p1.decode_s, 2),
+                     _f(p1.decode_ms_per_token, 1), _f(p1.users_fit, 2), _f(p2.users_fit, 1),
+                     _f(p1.context_switch_s, 2), *exact])
     return Table("Context sweep (Yi-34B-200K, 1 × A100-80GB unless stated)",
-                 ["context", "KV GiB", "prefill s", "decode s (paper)", "decode s (exact)", "ms/token",
-                  "users 1 GPU", "users 2 GPUs", "users 1 GPU (exact)", "switch s", "tok/s, 1 user (exact)"], rows,
-                 ["`paper`: KV charged at the prompt length for all 250 steps; users = (N·80 − 68) / KV in GiB.",
-                  "`exact`: KV read once per step at its actual length plus the new entry's write; users = "
-                  "(N·memory_bytes − W) / KV(n + 250) with 80 GiB = 85.9e9 B per A100-80GB.",
+                 ["context", "KV GiB", "prefill s", "decode s", "ms/token", "users 1 GPU", "users 2 GPUs",
+                  "switch s", "prefill s (exact)", "decode s (exact)", "users (exact, all HBM)",
+                  "users (exact, 0.9 + reserve)", "tok/s, 1 user (exact)"], rows,
+                 ["`paper` columns: P = 34e9, prefill charges QKᵀ only, decode charges the prompt's KV for all 250 "
+                  "steps; users = (N·80 − 68) / KV in GiB.",
+                  "`exact` columns: P = 34.39e9 counted from the architecture; prefill charges QKᵀ and AV, no "
+                  "embedding FLOPs and the lm_head at the last position only; decode reads each step's KV at its "
+                  "actual length plus the new entry's write, the lm_head but not the embedding table; users = "
+                  "(u·N·memory_bytes − W − N·reserve) / KV(n + 250) with 80 GiB = 85.9e9 B per A100-80GB, u = 1 and "
+                  "no reserve ('all HBM') or vLLM's u = 0.9 and the activation reserve (default serving options).",
+                  f"Yi-34B-200K's limit is {limit:,} positions: the `exact` convention rejects longer contexts; the "
+                  "`paper` one follows the paper's sweep to 1M.",
                   "switch = (KV₁ + KV₂) / PCIe at 32 GB/s per direction (PCIe Gen4 x16); the paper gives the "
                   "formula only, its PCIe figure is unknown."])
 
@@ -161,7 +178,10 @@ def hardware_table(n: int = 50_000, tp: int = 2) -> Table:
     return Table(f"Hardware at {n:,} tokens on {tp} GPUs (`exact` convention)",
                  ["hardware", "efficiency", "users", "prefill s", "decode s", "switch s", "tok/s at capacity"], rows,
                  ["`measured-a100` = 0.70 of peak FLOP/s and 0.75 of peak bandwidth (Vidur's A100 profiles); it is "
-                  "applied to every GPU here only for comparison."])
+                  "applied to every GPU here only for comparison.",
+                  "Default serving options: 0.9 of HBM, the activation reserve, bf16 weights and KV, TP all-reduces "
+                  "over NVLink / Infinity Fabric (PCIe for the L40S) charged: two per layer, ring, 10 µs (30 µs on "
+                  "PCIe) each plus the bytes; users are at the session's end (n + 250 tokens)."])
 
 
 def all_tables() -> list[Table]:
@@ -179,7 +199,9 @@ Formulas (docstring of `kvcompress.latency.metrics`): KV/token = 2·L·n_kv·d_h
 prefill = (2·P·n + L·d·n²) / FLOP/s; decode = N_out·(W + KV) / BW; concurrency = (N·80 − 68) / KV[GiB];
 context switch = (KV₁ + KV₂) / PCIe; tensor parallelism divides compute and bandwidth by N.
 "4K" = 4,000 tokens. Memory is bytes / 2³⁰ ("GiB"); the paper labels it "GB" and truncates it (22.888 → 22.8).
-Tables use the `paper` convention unless they say `exact`.
+Tables use the `paper` convention unless they say `exact` (the default of results rows: both attention matmuls,
+no embedding FLOPs, the lm_head once per generated token, the architecture's parameter count, serving options;
+README "Serving-cost model").
 """
 
 

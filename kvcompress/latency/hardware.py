@@ -2,7 +2,14 @@
 
 Units: every rate is in plain SI units — FLOP/s, bytes/s (1 GB/s = 1e9 B/s). ``memory_gb`` is the marketed
 capacity ("80GB"), the number Fu 2024 subtracts the weights from; ``memory_bytes`` is the capacity the driver
-reports (nvidia-smi), used by the ``exact`` convention. ``pcie_bandwidth`` is per direction.
+reports (nvidia-smi), used by the ``exact`` convention. ``pcie_bandwidth`` is per direction;
+``nvlink_bandwidth`` (NVLink / Infinity Fabric) is the datasheet's per-GPU figure, both directions together.
+
+FLOP rate per dtype (:meth:`HardwareProfile.flops`): ``flops_bf16`` for bf16 / fp16 (and fp32 weights, charged
+as if cast to bf16), ``flops_fp8`` / ``flops_fp4`` where the GPU has tensor cores for that format (null where it
+has none). A format without tensor cores runs weight-only: the weights are dequantised and the matmuls run at
+the bf16 rate (A100 with fp8 weights, H100 with fp4 weights). Every constant's source is the comment above it in
+``configs/hardware/<name>.yaml``.
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ class HardwareProfile:
     memory_gb: float  #: marketed capacity in "GB" (Fu 2024's number)
     memory_bytes: int  #: capacity in bytes as reported by the driver
     pcie_bandwidth: float  #: host link, B/s per direction
-    nvlink_bandwidth: float | None = None  #: informational; tensor parallelism is modelled as free
+    nvlink_bandwidth: float | None = None  #: GPU-GPU link per GPU, both directions together (None: TP over PCIe)
+    flops_fp8: float | None = None  #: dense FP8 tensor FLOP/s (None: no FP8 tensor cores)
+    flops_fp4: float | None = None  #: dense FP4 tensor FLOP/s (None: no FP4 tensor cores)
+    allreduce_latency: float = 10e-6  #: seconds per all-reduce call (an assumption, not a datasheet figure)
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -40,6 +50,29 @@ class HardwareProfile:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise KVCompressError(f"hardware {self.name!r}: {key}={value!r} is invalid; valid: a number > 0")
+        for key in ("nvlink_bandwidth", "flops_fp8", "flops_fp4", "allreduce_latency"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+                                      or (key != "allreduce_latency" and value == 0)):
+                raise KVCompressError(f"hardware {self.name!r}: {key}={value!r} is invalid; valid: a number > 0 "
+                                      "or null")
+
+    def flops(self, dtype: str = "bfloat16") -> tuple[float, str]:
+        """Peak dense FLOP/s for matmuls with weights in ``dtype`` and the format they run in: ``(rate, format)``.
+
+        fp8 / fp4 use their own tensor-core rate where the GPU has one; otherwise (and for bf16, fp16, fp32) the
+        bf16 rate: weight-only quantisation dequantises into bf16 before the matmul."""
+        from .dtypes import dtype_name
+
+        name = dtype_name(dtype)
+        native = {"fp8": self.flops_fp8, "fp4": self.flops_fp4}.get(name)
+        if native:
+            return float(native), name
+        return float(self.flops_bf16), "bfloat16"
+
+    def link_bandwidth(self) -> float:
+        """B/s per direction between two GPUs of a TP group: half the NVLink / Infinity Fabric figure, else PCIe."""
+        return self.nvlink_bandwidth / 2 if self.nvlink_bandwidth else self.pcie_bandwidth
 
 
 @dataclass(frozen=True)
@@ -96,7 +129,8 @@ def hardware_from_dict(data: dict[str, Any], name: str = "custom") -> HardwarePr
     fields = {f.name for f in dataclasses.fields(HardwareProfile)}
     kwargs = {k: v for k, v in data.items() if k in fields}
     kwargs.setdefault("name", name)
-    for key in ("flops_bf16", "hbm_bandwidth", "memory_gb", "pcie_bandwidth", "nvlink_bandwidth"):
+    for key in ("flops_bf16", "hbm_bandwidth", "memory_gb", "pcie_bandwidth", "nvlink_bandwidth", "flops_fp8",
+                "flops_fp4", "allreduce_latency"):
         if isinstance(kwargs.get(key), str):  # YAML reads "312e12" (no dot) as a string
             kwargs[key] = float(kwargs[key])
     kwargs["memory_bytes"] = int(float(kwargs["memory_bytes"]))
@@ -104,7 +138,8 @@ def hardware_from_dict(data: dict[str, Any], name: str = "custom") -> HardwarePr
 
 
 def load_hardware(name_or_path: str | HardwareProfile = DEFAULT_HARDWARE) -> HardwareProfile:
-    """A bundled profile by name (``a100-80gb``, ``h100-sxm``, ...) or a YAML file path.
+    """A bundled profile by name (``a100-40gb``, ``a100-80gb``, ``a100-80gb-pcie``, ``h100-sxm``, ``h100-pcie``,
+    ``h200``, ``b200``, ``mi300x``, ``l40s``) or a YAML file path.
 
     Unknown names raise :class:`~kvcompress.errors.KVCompressError` (a ``ValueError``) listing the valid names.
     """

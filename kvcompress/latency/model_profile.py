@@ -6,16 +6,27 @@ config.json fields.
 
 Parameter count (when the preset gives no ``params`` override), biases ignored::
 
-    attention  = d·(n_q·d_h) + 2·d·(n_kv·d_h) + (n_q·d_h)·d          # q, k, v, o projections
+    attention  = d·(n_q·d_h) + 2·d·(n_kv·d_h) + (n_q·d_v)·d          # q, k, v, o projections (d_v = d_h)
+    MLA        = q: d·n_q·(d_nope + d_rope)  [or d·r_q + r_q + r_q·n_q·(d_nope + d_rope) with a q LoRA rank r_q]
+                 + kv_a: d·(r_kv + d_rope) + r_kv (norm) + kv_b: r_kv·n_q·(d_nope + d_v) + o: n_q·d_v·d
     ffn        = 3·d·f  (gated: gate, up, down)   or   2·d·f  (not gated)
-    moe ffn    = E·ffn(f_e) + ffn(f_shared) + d·E (router); active: k·ffn(f_e) + ffn(f_shared) + d·E
+    moe ffn    = E·ffn(f_e) + shared + d·E (router); active: k·ffn(f_e) + shared + d·E
+                 shared = ffn(f_shared) (Qwen2-MoE) or n_shared·ffn(f_e) (DeepSeek); the first
+                 ``first_dense_layers`` layers (DeepSeek's first_k_dense_replace) are dense with ffn(f)
     norms      = 2·d per layer + d
-    embeddings = V·d, plus V·d for an untied lm_head
-    P          = L·(attention + ffn + 2·d) + d + embeddings
+    embeddings = V·d (input table), plus V·d for an untied lm_head
+    P          = L·(attention + norms) + Σ_l ffn_l + d + embeddings
+    P_body     = P − V·d − (V·d if untied)      # what the layers compute with: no input table, no lm_head
 
-MoE assumption: all experts sit in HBM (``params_total``); prefill FLOPs and the weight bytes read per decode step
-follow the active experts (``params_active``), which is exact at batch 1 and a lower bound for larger batches.
-KV per token (bytes) = 2 (K and V) · L · n_kv · d_h · dtype_bytes; a sliding-window layer holds min(n, window).
+MoE: all experts sit in HBM (``params_total``); prefill FLOPs follow the active experts (``params_active``); a
+decode step of B sequences reads the experts its B·k routing picks touch (:meth:`ModelProfile.decode_weight_params`,
+uniform routing).
+KV per token and layer (elements) = n_kv · (d_k + d_v): 2·n_kv·d_h for MHA/GQA/MQA, and for MLA one latent of
+r_kv + d_rope per token (DeepSeek-V2/V3: 512 + 64; K and V are both rebuilt from it), held by every TP rank. A
+sliding-window layer holds min(n, window).
+
+``paper_params`` (Yi-34B-200K's preset: 34e9) is the rounded count Fu 2024 charges; only the ``paper``
+convention uses it (:attr:`ModelProfile.paper_params`); ``exact`` counts the architecture (34.39e9 for Yi).
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ class ModelProfile:
     hidden_size: int
     num_q_heads: int
     num_kv_heads: int
-    head_dim: int
+    head_dim: int  #: query/key width per head (MLA: d_nope + d_rope)
     intermediate_size: int
     vocab_size: int
     gated_ffn: bool = True
@@ -66,6 +77,14 @@ class ModelProfile:
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
+    num_shared_experts: int = 0  #: DeepSeek: shared experts of width moe_intermediate_size
+    first_dense_layers: int = 0  #: DeepSeek's first_k_dense_replace: the first k layers have a dense FFN
+    v_head_dim: int = 0  #: value width per head; 0 = head_dim
+    kv_lora_rank: int = 0  #: MLA latent width r_kv (0 = not MLA)
+    qk_rope_head_dim: int = 0  #: MLA decoupled RoPE key width (cached once per token)
+    q_lora_rank: int = 0  #: MLA query LoRA rank (0 = a plain q projection)
+    max_position_embeddings: int = 0  #: the model's context limit (0 = unknown: not checked)
+    paper_params: float = 0.0  #: Fu 2024's rounded parameter count (used by the `paper` convention only)
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_q_heads", "num_kv_heads", "head_dim", "vocab_size",
@@ -73,9 +92,17 @@ class ModelProfile:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise KVCompressError(f"model {self.name!r}: {key}={value!r} is invalid; valid: an integer >= 1")
+        for key in ("num_experts", "experts_per_token", "num_shared_experts", "first_dense_layers", "v_head_dim",
+                    "kv_lora_rank", "qk_rope_head_dim", "q_lora_rank", "max_position_embeddings"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise KVCompressError(f"model {self.name!r}: {key}={value!r} is invalid; valid: an integer >= 0")
         if self.num_q_heads % self.num_kv_heads:
             raise KVCompressError(f"model {self.name!r}: num_kv_heads={self.num_kv_heads} does not divide "
                                   f"num_q_heads={self.num_q_heads}; valid: a divisor of {self.num_q_heads}")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise KVCompressError(f"model {self.name!r}: experts_per_token={self.experts_per_token} with "
+                                  f"{self.num_experts} experts; valid: 1..{self.num_experts}")
         if not self.layer_types:
             kind = "sliding" if self.sliding_window else "full"
             object.__setattr__(self, "layer_types", (kind,) * self.num_layers)
@@ -91,8 +118,14 @@ class ModelProfile:
 
     # ---- attention ---------------------------------------------------------------------------------------
     @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
     def attention_type(self) -> str:
-        """``MHA`` (n_kv = n_q), ``MQA`` (n_kv = 1) or ``GQA`` (anything between)."""
+        """``MLA`` (a latent cache), ``MHA`` (n_kv = n_q), ``MQA`` (n_kv = 1) or ``GQA`` (anything between)."""
+        if self.is_mla:
+            return "MLA"
         if self.num_kv_heads == self.num_q_heads:
             return "MHA"
         return "MQA" if self.num_kv_heads == 1 else "GQA"
@@ -102,9 +135,24 @@ class ModelProfile:
         return self.num_experts > 0
 
     @property
+    def value_dim(self) -> int:
+        """d_v: the value width per head (attention's AV matmul and o_proj)."""
+        return self.v_head_dim or self.head_dim
+
+    @property
+    def cache_key_dim(self) -> int:
+        """Elements cached per token, layer and KV head for K: d_h, or the MLA latent r_kv + d_rope."""
+        return self.kv_lora_rank + self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    @property
+    def cache_value_dim(self) -> int:
+        """Elements cached per token, layer and KV head for V: d_v (0 for MLA: V is rebuilt from the latent)."""
+        return 0 if self.is_mla else self.value_dim
+
+    @property
     def kv_bytes_per_token_layer(self) -> int:
-        """Bytes of K and V for one token in one layer: 2 · n_kv · d_h · dtype_bytes."""
-        return 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        """Bytes of K and V for one token in one layer: n_kv · (d_k + d_v) · dtype_bytes (2·n_kv·d_h·bytes)."""
+        return self.num_kv_heads * (self.cache_key_dim + self.cache_value_dim) * self.dtype_bytes
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -120,14 +168,19 @@ class ModelProfile:
         """Dense KV bytes of one sequence: Σ_l tokens_l(n) · 2 · n_kv · d_h · dtype_bytes."""
         return sum(self.layer_tokens(context)) * self.kv_bytes_per_token_layer
 
-    def attention_flops(self, context: int) -> float:
-        """Causal attention FLOPs of a prefill of n tokens: Σ_l 2 · (n_q·d_h) · Σ_{i=1..n} min(i, w_l).
-
-        (Kaplan et al. 2020: 2·L·n_ctx·d_attn per token; summed over the causal prefix that is ≈ L·d·n², the
-        term Fu 2024 uses.) QKᵀ and AV use the query heads, so GQA does not reduce this term.
-        """
-        d_attn = self.num_q_heads * self.head_dim
+    def attention_flops(self, context: int, matmuls: int = 1) -> float:
+        """Causal attention FLOPs of a prefill of n tokens, ``matmuls=1``: QKᵀ alone, Σ_l 2·(n_q·d_h)·Σ_{i=1..n}
+        min(i, w_l) (Kaplan et al. 2020's 2·L·n_ctx·d_attn per token summed over the causal prefix ≈ L·d·n², the
+        term Fu 2024 uses); ``matmuls=2``: QKᵀ and AV, Σ_l 2·n_q·(d_h + d_v)·Σ_i min(i, w_l) (what a prefill
+        computes; the ``exact`` convention). Query heads count, so GQA does not reduce it."""
         n = float(context)
+        total = self._causal_pairs(n)
+        if matmuls == 1:
+            return 2.0 * self.num_q_heads * self.head_dim * total
+        return 2.0 * self.num_q_heads * (self.head_dim + self.value_dim) * total
+
+    def _causal_pairs(self, n: float) -> float:
+        """Σ_l Σ_{i=1..n} min(i, w_l): the (query, key) pairs of a causal prefill, summed over layers."""
         total = 0.0
         for t in self.layer_types:
             w = self.sliding_window if t == "sliding" else None
@@ -135,7 +188,69 @@ class ModelProfile:
                 total += w * (w + 1) / 2 + (n - w) * w
             else:
                 total += n * (n + 1) / 2
-        return 2.0 * d_attn * total
+        return total
+
+    def prefix_attention_flops(self, start: float, end: float) -> float:
+        """QKᵀ + AV FLOPs of the queries at positions start+1..end over their causal prefix (a prefill after a
+        cached prefix of ``start`` tokens): A(end) − A(start) with A = :meth:`attention_flops` (matmuls=2)."""
+        per_pair = 2.0 * self.num_q_heads * (self.head_dim + self.value_dim)
+        return per_pair * (self._causal_pairs(float(end)) - self._causal_pairs(float(start)))
+
+    def decode_attention_flops(self, held: float) -> float:
+        """QKᵀ + AV FLOPs of one decoded token attending over ``held`` cached tokens plus itself:
+        Σ_l 2·n_q·(d_h + d_v)·min(held + 1, w_l)."""
+        return 2.0 * self.num_q_heads * (self.head_dim + self.value_dim) * sum(self.layer_tokens(held + 1))
+
+    # ---- parameters --------------------------------------------------------------------------------------
+    @property
+    def embedding_params(self) -> float:
+        """V·d: the input embedding table (a lookup: no FLOPs, one row read per token)."""
+        return float(self.vocab_size * self.hidden_size)
+
+    @property
+    def lm_head_params(self) -> float:
+        """V·d: the output projection (its weights are the embedding table when tied)."""
+        return float(self.vocab_size * self.hidden_size)
+
+    @property
+    def _table_params(self) -> float:
+        """Parameters outside the layers: the input table, plus the lm_head when untied."""
+        return self.embedding_params * (1 if self.tie_word_embeddings else 2)
+
+    @property
+    def body_params_total(self) -> float:
+        """P_body: every parameter but the input table and the lm_head (all experts)."""
+        return self.params_total - self._table_params
+
+    @property
+    def body_params_active(self) -> float:
+        """P_body,active: the layers' parameters one token computes with (its k experts)."""
+        return self.params_active - self._table_params
+
+    @property
+    def moe_layers(self) -> int:
+        return max(0, self.num_layers - self.first_dense_layers) if self.is_moe else 0
+
+    @property
+    def expert_params(self) -> float:
+        """Parameters of one routed expert of one layer: ffn(f_e)."""
+        return float(_ffn(self.hidden_size, self.moe_intermediate_size or self.intermediate_size, self.gated_ffn)) \
+            if self.is_moe else 0.0
+
+    def experts_touched(self, tokens: float) -> float:
+        """Expected distinct routed experts of one layer that ``tokens`` tokens pick (k each, uniform routing):
+        E·(1 − (1 − k/E)^tokens); k at one token, → E for many."""
+        if not self.is_moe:
+            return 0.0
+        e, k = self.num_experts, self.experts_per_token
+        return e * (1.0 - (1.0 - k / e) ** max(tokens, 1.0))
+
+    def decode_weight_params(self, tokens: float = 1.0) -> float:
+        """Parameters a forward of ``tokens`` tokens reads (decode step of B sequences: tokens = B): the layers'
+        active parameters with the experts the batch touches, plus the lm_head (the tied table, when tied);
+        the input table is gathered one row per token (``tokens``·d), not read whole."""
+        extra = self.moe_layers * (self.experts_touched(tokens) - self.experts_per_token) * self.expert_params
+        return self.body_params_active + extra + self.lm_head_params + tokens * self.hidden_size
 
     @property
     def weight_bytes(self) -> float:
@@ -151,24 +266,46 @@ class ModelProfile:
         """The same model with another KV head count (MHA/GQA/MQA variants); parameter counts are kept."""
         return dataclasses.replace(self, num_kv_heads=num_kv_heads, name=name or f"{self.name}-kv{num_kv_heads}")
 
+    def check_context(self, tokens: int) -> None:
+        """One-line error when ``tokens`` (prompt + generated) exceeds the model's position limit."""
+        limit = self.max_position_embeddings
+        if limit and tokens > limit:
+            raise KVCompressError(f"context of {tokens:,} tokens (prompt + output) exceeds {self.name}'s limit of "
+                                  f"{limit:,} positions; valid: context + output <= {limit:,}")
+
 
 def _ffn(d: int, f: int, gated: bool) -> int:
     return (3 if gated else 2) * d * f
 
 
+def _attention_params(m: ModelProfile) -> int:
+    d, nq = m.hidden_size, m.num_q_heads
+    if m.is_mla:
+        qk = m.head_dim  # d_nope + d_rope
+        q = d * nq * qk if not m.q_lora_rank else d * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * nq * qk
+        nope = m.head_dim - m.qk_rope_head_dim
+        kv = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank + m.kv_lora_rank * nq * (nope + m.value_dim)
+        return q + kv + nq * m.value_dim * d
+    return d * nq * m.head_dim + 2 * d * m.num_kv_heads * m.head_dim + nq * m.value_dim * d
+
+
 def _count_params(m: ModelProfile) -> tuple[int, int]:
-    d, dh = m.hidden_size, m.head_dim
-    attn = d * m.num_q_heads * dh * 2 + 2 * d * m.num_kv_heads * dh
+    d = m.hidden_size
+    attn = _attention_params(m)
+    dense = _ffn(d, m.intermediate_size, m.gated_ffn)
     if m.is_moe:
         expert = _ffn(d, m.moe_intermediate_size or m.intermediate_size, m.gated_ffn)
-        shared = _ffn(d, m.shared_expert_intermediate_size, m.gated_ffn)
-        ffn_total = m.num_experts * expert + shared + d * m.num_experts
-        ffn_active = m.experts_per_token * expert + shared + d * m.num_experts
+        shared = _ffn(d, m.shared_expert_intermediate_size, m.gated_ffn) + m.num_shared_experts * expert
+        moe_total = m.num_experts * expert + shared + d * m.num_experts
+        moe_active = m.experts_per_token * expert + shared + d * m.num_experts
+        n_moe = max(0, m.num_layers - m.first_dense_layers)
+        ffn_total = n_moe * moe_total + (m.num_layers - n_moe) * dense
+        ffn_active = n_moe * moe_active + (m.num_layers - n_moe) * dense
     else:
-        ffn_total = ffn_active = _ffn(d, m.intermediate_size, m.gated_ffn)
+        ffn_total = ffn_active = m.num_layers * dense
     emb = m.vocab_size * d * (1 if m.tie_word_embeddings else 2)
     base = m.num_layers * (attn + 2 * d) + d + emb
-    return base + m.num_layers * ffn_total, base + m.num_layers * ffn_active
+    return base + ffn_total, base + ffn_active
 
 
 # ---- construction ----------------------------------------------------------------------------------------
@@ -205,12 +342,18 @@ def _dtype_bytes(value: Any) -> int:
 
 
 def profile_from_hf_dict(cfg: Mapping[str, Any], name: str = "custom", dtype: Any = None,
-                         params: float | None = None, active_params: float | None = None) -> ModelProfile:
+                         params: float | None = None, active_params: float | None = None,
+                         paper_params: float | None = None) -> ModelProfile:
     """A profile from config.json fields (``text_config`` is used for multimodal configs).
 
     Sliding-window layers: ``layer_types`` entries containing "sliding" when the config lists them; otherwise all
     layers when ``sliding_window`` is set and ``use_sliding_window`` is not false (Mistral v0.1); for Qwen2-style
     configs with ``use_sliding_window`` true, layers at index ≥ ``max_window_layers``.
+    MoE: ``num_local_experts`` (Mixtral) / ``num_experts`` (Qwen-MoE) / ``n_routed_experts`` (DeepSeek),
+    ``num_experts_per_tok``, ``moe_intermediate_size``, ``shared_expert_intermediate_size``, ``n_shared_experts``,
+    ``first_k_dense_replace``. MLA (DeepSeek-V2/V3): ``kv_lora_rank``, ``q_lora_rank``, ``qk_rope_head_dim``,
+    ``qk_nope_head_dim``, ``v_head_dim``; the cache is one latent per token (n_kv = 1, whatever
+    ``num_key_value_heads`` says).
     """
     if isinstance(cfg.get("text_config"), Mapping):
         cfg = {**cfg["text_config"], **{k: v for k, v in cfg.items() if k in ("torch_dtype", "dtype")}}
@@ -221,6 +364,12 @@ def profile_from_hf_dict(cfg: Mapping[str, Any], name: str = "custom", dtype: An
     if cfg.get("multi_query"):
         n_kv = 1
     head_dim = int(cfg.get("head_dim") or d // n_q)
+    kv_lora = int(cfg.get("kv_lora_rank") or 0)
+    rope = int(cfg.get("qk_rope_head_dim") or 0)
+    v_head = int(cfg.get("v_head_dim") or 0)
+    if kv_lora:
+        n_kv = 1
+        head_dim = int(cfg.get("qk_nope_head_dim") or 0) + rope
     ffn = cfg.get("intermediate_size") or cfg.get("n_inner") or cfg.get("ffn_dim") or 4 * d
     model_type = str(cfg.get("model_type", "")).lower()
     act = str(cfg.get("hidden_act") or cfg.get("hidden_activation") or "").lower()
@@ -248,7 +397,25 @@ def profile_from_hf_dict(cfg: Mapping[str, Any], name: str = "custom", dtype: An
         num_experts=n_exp, experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if n_exp else 0,
         moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0) if n_exp else 0,
         shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0) if n_exp else 0,
+        num_shared_experts=int(cfg.get("n_shared_experts") or 0) if n_exp else 0,
+        first_dense_layers=int(cfg.get("first_k_dense_replace") or 0) if n_exp else 0,
+        v_head_dim=v_head if v_head != head_dim else 0, kv_lora_rank=kv_lora, qk_rope_head_dim=rope,
+        q_lora_rank=int(cfg.get("q_lora_rank") or 0),
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 0),
+        paper_params=float(paper_params or 0.0),
     )
+
+
+def _from_mapping(data: Mapping[str, Any], name: str) -> ModelProfile:
+    """A preset's fields: ``hf_config`` (config.json fields), ``dtype``, and the optional counts ``params`` /
+    ``active_params`` (overrides for every convention) and ``paper_params`` (Fu 2024's rounded count)."""
+    def number(key: str) -> float | None:
+        value = data.get(key)
+        return float(value) if value is not None else None
+
+    return profile_from_hf_dict(data["hf_config"], name=data.get("name", name), dtype=data.get("dtype"),
+                                params=number("params"), active_params=number("active_params"),
+                                paper_params=number("paper_params"))
 
 
 def _from_preset_file(path: Path) -> ModelProfile:
@@ -256,11 +423,7 @@ def _from_preset_file(path: Path) -> ModelProfile:
         data = yaml.safe_load(fh) or {}
     if not isinstance(data, dict) or not isinstance(data.get("hf_config"), dict):
         raise KVCompressError(f"model preset {str(path)!r} has no hf_config block; valid: a preset with hf_config")
-    params = data.get("params")
-    active = data.get("active_params")
-    return profile_from_hf_dict(data["hf_config"], name=data.get("name", path.stem), dtype=data.get("dtype"),
-                                params=float(params) if params is not None else None,
-                                active_params=float(active) if active is not None else None)
+    return _from_mapping(data, path.stem)
 
 
 def load_model_profile(name_or_path_or_config: Any) -> ModelProfile:
@@ -270,14 +433,12 @@ def load_model_profile(name_or_path_or_config: Any) -> ModelProfile:
         return spec
     if isinstance(spec, Mapping):
         if isinstance(spec.get("hf_config"), Mapping):
-            data = dict(spec)
-            return profile_from_hf_dict(data["hf_config"], name=data.get("name", "custom"), dtype=data.get("dtype"),
-                                        params=data.get("params"), active_params=data.get("active_params"))
+            return _from_mapping(spec, "custom")
         return profile_from_hf_dict(spec, name=str(spec.get("_name_or_path") or spec.get("model_type") or "custom"))
     if hasattr(spec, "to_dict") and hasattr(spec, "model_type"):  # transformers.PretrainedConfig
         text = spec.get_text_config() if hasattr(spec, "get_text_config") else spec
         cfg = text.to_dict()
-        for key in ("head_dim", "num_key_value_heads", "layer_types", "sliding_window"):
+        for key in ("head_dim", "num_key_value_heads", "layer_types", "sliding_window", "max_position_embeddings"):
             if cfg.get(key) is None and getattr(text, key, None) is not None:
                 cfg[key] = getattr(text, key)
         dtype = getattr(spec, "dtype", None) or vars(spec).get("torch_dtype")

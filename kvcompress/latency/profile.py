@@ -5,8 +5,8 @@ kept (token, head) entry costs, in bytes::
 
     entry_bytes(l) = (key_dim[l]·key_bits[l] + value_dim[l]·value_bits[l]) / 8 + metadata_bytes_per_token[l]
 
-``key_bits``/``value_bits`` are bits per stored element, ``key_dim``/``value_dim`` the kept rank or channels per
-head (default head_dim), ``metadata_bytes_per_token[l]`` the scales/zero points etc. per kept (token, KV head)
+``key_bits``/``value_bits`` are bits per stored element (> 0), ``key_dim``/``value_dim`` the kept rank or channels
+per head (default the model's cached widths: d_h and d_v, or an MLA latent and 0), ``metadata_bytes_per_token[l]`` the scales/zero points etc. per kept (token, KV head)
 entry, K and V together. A layer listed in ``shared_layers`` (layer → the layer whose KV it reuses) stores nothing.
 So ``KV bytes = Σ_{l not shared} Σ_h kept_tokens[l][h] · entry_bytes(l)``.
 
@@ -19,7 +19,7 @@ coefficients: they scale with the dtype), ``fixed_bits`` = bits held in other dt
 codes, float16 quantization scales/minima, integer indices: fixed whatever the dtype). :func:`project` uses it.
 
 Per-axis kept fractions (:meth:`CompressionProfile.kept_fractions`) telescope exactly to the byte fraction. With
-``cap_l`` = tokens a dense layer holds (n, or min(n, window)) and ``b0 = 2·d_h·dtype_bytes``::
+``cap_l`` = tokens a dense layer holds (n, or min(n, window)) and ``b0 = (d_k + d_v)·dtype_bytes`` (2·d_h·bytes)::
 
     layer  = Σ_{l stored} cap_l / Σ_l cap_l
     head   = Σ_{l stored, h: kept>0} cap_l / Σ_{l stored} H·cap_l
@@ -27,7 +27,9 @@ Per-axis kept fractions (:meth:`CompressionProfile.kept_fractions`) telescope ex
     hidden = KV bytes / (Σ kept_lh · b0)
     bytes  = layer · head · token · hidden = KV bytes / dense KV bytes
 
-Changing the context keeps every per-(layer, head) token fraction kept/cap_l (a ratio, not an absolute budget).
+Changing the context keeps every per-(layer, head) token fraction kept/cap_l (a ratio, not an absolute budget);
+:func:`project` also carries fixed-size parts (windows, budgets, a codec's full-precision residual) as token
+counts (:mod:`kvcompress.latency.fixed`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import KVCompressError
+from .fixed import FixedParts
 from .model_profile import ModelProfile
 
 
@@ -60,7 +63,7 @@ class CompressionProfile:
     model: ModelProfile
     context_tokens: int
     kept_tokens: list[list[float]]
-    dtype_bytes: int = 2
+    dtype_bytes: float = 2  #: bytes per element of the cache's own dtype (0.5 for fp4)
     key_bits: list[float] = field(default_factory=list)
     value_bits: list[float] = field(default_factory=list)
     key_dim: list[float] = field(default_factory=list)
@@ -119,11 +122,23 @@ class CompressionProfile:
                                               f"{want}; valid: consistent values (or omit {key})")
         self.key_bits = _per_layer(self.key_bits or None, n_layers, bits, "key_bits")
         self.value_bits = _per_layer(self.value_bits or None, n_layers, bits, "value_bits")
-        self.key_dim = _per_layer(self.key_dim or None, n_layers, m.head_dim, "key_dim")
-        self.value_dim = _per_layer(self.value_dim or None, n_layers, m.head_dim, "value_dim")
+        self.key_dim = _per_layer(self.key_dim or None, n_layers, m.cache_key_dim, "key_dim")
+        self.value_dim = _per_layer(self.value_dim if self.value_dim else None, n_layers, m.cache_value_dim,
+                                    "value_dim")
         self.metadata_bytes_per_token = _per_layer(self.metadata_bytes_per_token or None, n_layers, 0.0,
                                                    "metadata_bytes_per_token")
         self.prefill_skips_kv_layers = tuple(int(x) for x in self.prefill_skips_kv_layers)
+        for key, low in (("key_bits", 0.0), ("value_bits", 0.0), ("key_dim", 0.0)):
+            for i, v in enumerate(getattr(self, key)):
+                if not (v > low and math.isfinite(v)):
+                    raise KVCompressError(f"{key}[{i}]={v!r} is invalid; valid: "
+                                          + ("bits per stored element > 0" if "bits" in key else "a width > 0"))
+        for key in ("value_dim", "metadata_bytes_per_token"):
+            for i, v in enumerate(getattr(self, key)):
+                if not (v >= 0 and math.isfinite(v)):
+                    raise KVCompressError(f"{key}[{i}]={v!r} is invalid; valid: a number >= 0")
+        if isinstance(self.dtype_bytes, bool) or not (self.dtype_bytes > 0):
+            raise KVCompressError(f"dtype_bytes={self.dtype_bytes!r} is invalid; valid: bytes per element > 0")
 
     # ---- bytes -------------------------------------------------------------------------------------------
     def entry_bytes(self, layer: int) -> float:
@@ -146,8 +161,9 @@ class CompressionProfile:
         return self.model.layer_tokens(self.context_tokens)
 
     def dense_kv_bytes(self) -> float:
-        """Σ_l cap_l · n_kv · 2 · d_h · dtype_bytes: the uncompressed cache in this profile's element size."""
-        return sum(self.capacity()) * self.model.num_kv_heads * 2 * self.model.head_dim * self.dtype_bytes
+        """Σ_l cap_l · n_kv · (d_k + d_v) · dtype_bytes: the uncompressed cache in this profile's element size."""
+        m = self.model
+        return sum(self.capacity()) * m.num_kv_heads * (m.cache_key_dim + m.cache_value_dim) * self.dtype_bytes
 
     def layer_rates(self) -> list[float]:
         """Stored bytes per dense token, per layer: layer_bytes(l) / cap_l (what stays constant across contexts)."""
@@ -166,7 +182,7 @@ class CompressionProfile:
         live = [(i, k) for i in stored for k in self.kept_tokens[i] if k > 0]
         live_cap = sum(cap[i] for i, _ in live)
         kept = sum(k for _, k in live)
-        b0 = 2 * self.model.head_dim * self.dtype_bytes
+        b0 = (self.model.cache_key_dim + self.model.cache_value_dim) * self.dtype_bytes
         total = self.kv_bytes()
         return {
             "layer": stored_cap / all_cap if all_cap else 0.0,
@@ -189,11 +205,25 @@ class CompressionProfile:
         return describe_prefill_saving(self.prefill_skips_kv_layers)
 
     # ---- constructors ------------------------------------------------------------------------------------
+    def at_dtype(self, dtype_bytes: float) -> CompressionProfile:
+        """The same cache held in another element size (``kv_dtype``): with a dtype split, bits = fixed_bits +
+        dtype_fraction · 8 · dtype_bytes; without one, widths at or above the old dtype's become the new dtype's
+        and narrower (quantised) widths stay as they are."""
+        old, new = 8 * self.dtype_bytes, 8 * dtype_bytes
+        if self.fixed_bits:
+            kb = [f + d * new for f, d in zip(self.fixed_bits, self.dtype_fraction)]
+            return dataclasses.replace(self, dtype_bytes=dtype_bytes, key_bits=kb, value_bits=list(kb))
+        return dataclasses.replace(self, dtype_bytes=dtype_bytes,
+                                   key_bits=[new if b >= old else b for b in self.key_bits],
+                                   value_bits=[new if b >= old else b for b in self.value_bits])
+
     @classmethod
-    def dense(cls, model_profile: ModelProfile, context: int) -> CompressionProfile:
-        """An uncompressed cache: every layer and KV head holds cap_l(context) tokens in the model's dtype."""
+    def dense(cls, model_profile: ModelProfile, context: int, dtype_bytes: float | None = None) -> CompressionProfile:
+        """An uncompressed cache: every layer and KV head holds cap_l(context) tokens in ``dtype_bytes`` per element
+        (default the model's dtype)."""
         rows = [[float(c)] * model_profile.num_kv_heads for c in model_profile.layer_tokens(context)]
-        return cls(model_profile, context, rows, dtype_bytes=model_profile.dtype_bytes, name="dense")
+        nbytes = model_profile.dtype_bytes if dtype_bytes is None else dtype_bytes
+        return cls(model_profile, context, rows, dtype_bytes=nbytes, name="dense")
 
     @classmethod
     def uniform(cls, model_profile: ModelProfile, context: int, token_fraction: float = 1.0,
@@ -220,6 +250,10 @@ class CompressionProfile:
                          ("layer_fraction", layer_fraction), ("rank_fraction", rank_fraction)):
             if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not (0.0 < frac <= 1.0):
                 raise KVCompressError(f"{nm}={frac!r} is out of range; valid: a kept fraction in (0, 1]")
+        for nm, nbits in (("key_bits", key_bits), ("value_bits", value_bits)):
+            if nbits is not None and (isinstance(nbits, bool) or not isinstance(nbits, (int, float))
+                                      or not (0.0 < nbits <= 64.0)):
+                raise KVCompressError(f"{nm}={nbits!r} is invalid; valid: bits per stored element in (0, 64]")
         n_store = max(1, round(n_layers * layer_fraction))
         stored = sorted({math.floor(i * n_layers / n_store) for i in range(n_store)})
         shared, last = {}, stored[0]
@@ -235,16 +269,17 @@ class CompressionProfile:
         rows = [[cap[i] * token_fraction if (i, h) in live else 0.0 for h in range(heads)] for i in range(n_layers)]
         kb = float(bits if key_bits is None else key_bits)
         vb = float(bits if value_bits is None else value_bits)
-        dim = max(1, round(m.head_dim * rank_fraction))
+        dim = max(1, round(m.cache_key_dim * rank_fraction))
+        vdim = max(1, round(m.cache_value_dim * rank_fraction)) if m.cache_value_dim else 0
         meta = 0.0
-        if group_size:
+        if group_size is not None:
             if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
                 raise KVCompressError(f"group_size={group_size!r} is invalid; valid: an integer >= 1 or None")
-            groups = (math.ceil(dim / group_size) if kb < bits else 0) + (math.ceil(dim / group_size) if vb < bits
+            groups = (math.ceil(dim / group_size) if kb < bits else 0) + (math.ceil(vdim / group_size) if vb < bits
                                                                            else 0)
             meta = groups * scale_bytes * (2 if zero_point else 1)
         return cls(m, context, rows, dtype_bytes=m.dtype_bytes, key_bits=[kb] * n_layers,
-                   value_bits=[vb] * n_layers, key_dim=[dim] * n_layers, value_dim=[dim] * n_layers,
+                   value_bits=[vb] * n_layers, key_dim=[dim] * n_layers, value_dim=[vdim] * n_layers,
                    metadata_bytes_per_token=[meta] * n_layers, shared_layers=shared,
                    extra_prefill_flops=extra_prefill_flops, name=name)
 
@@ -266,7 +301,7 @@ class CompressionProfile:
         n = model_profile.num_layers
         return cls(
             model_profile, report["context_tokens"], [list(r) for r in report["kept_tokens"]],
-            dtype_bytes=int(report.get("dtype_bytes") or model_profile.dtype_bytes),
+            dtype_bytes=float(report.get("dtype_bytes") or model_profile.dtype_bytes),
             key_bits=_opt(report.get("key_bits"), n, "key_bits"),
             value_bits=_opt(report.get("value_bits"), n, "value_bits"),
             key_dim=_opt(report.get("key_dim"), n, "key_dim"), value_dim=_opt(report.get("value_dim"), n, "value_dim"),
@@ -296,61 +331,134 @@ def describe_prefill_saving(skipped_layers: Sequence[int]) -> str:
     return f"skips K/V of layers {skips}" if skips else "memory-only"
 
 
+def _overlap(n_src: int, n_tgt: int) -> list[list[tuple[int, float]]]:
+    """For each target index j, the source indices i whose relative span [i/n_s, (i+1)/n_s) overlaps
+    [j/n_t, (j+1)/n_t), with the overlap as a share of the target's span (the shares of each j sum to 1; every
+    source index is weighted n_t/n_s in total, so means over sources are kept)."""
+    out = []
+    for j in range(n_tgt):
+        lo, hi = j * n_src, (j + 1) * n_src  # in units of 1 / (n_s·n_t)
+        row = []
+        for i in range(lo // n_tgt, min(n_src, -(-hi // n_tgt))):
+            share = min(hi, (i + 1) * n_tgt) - max(lo, i * n_tgt)
+            if share > 0:
+                row.append((i, share / n_src))
+        out.append(row)
+    return out
+
+
 def project(profile: CompressionProfile, target_model_profile: ModelProfile, target_context: int,
-            ) -> CompressionProfile:
-    """Transfer a run's measured fractions onto another model and context.
+            fixed: FixedParts | None = None, kv_dtype_bytes: float | None = None) -> CompressionProfile:
+    """Transfer a run's measured fractions onto another model and context (averaging, never sampling).
 
-    Rule (per-layer relative depth, per-head relative index):
+    Rule (relative depth and relative head index, by overlap):
 
-    * target layer j reads source layer i = ⌊(j + ½)·L_s / L_t⌋, target KV head h reads source head
-      ⌊(h + ½)·H_s / H_t⌋;
-    * token fraction kept_s[i][h_s] / cap_s(i) (clipped to [0, 1]) times the target's cap_t(j, target_context);
-    * element widths: with a dtype split (``fixed_bits``/``dtype_fraction``, what a cache reports), the target
-      width is ``fixed_bits[i] + dtype_fraction[i] · 8 · target dtype_bytes``: bits held in the cache's own dtype
-      scale with the target dtype, integer codes, float16 scales and indices keep their absolute bits. Without a
-      split: a source width ≥ its dtype width means "not quantised" and becomes the target dtype width; a
-      narrower width (a quantised cache) is kept as is. Kept dims scale with d_h,t / d_h,s, and so does the
-      per-entry metadata (it is per group of channels). The measured per-element mix is carried over as it is, so
-      a fixed-size full-precision part (``quant``'s residual window of R tokens) keeps its measured share of the
-      tokens: projected from a short context to a long one it is over-charged (R / n_source instead of R / n_target);
-    * layer j is shared iff layer i is shared and an earlier target layer is stored (it then reuses the latest
-      stored one); layer j skips its prefill K/V projection iff layer i does;
-    * ``extra_prefill_flops`` keeps its fraction of the dense prefill FLOPs (2·P_active·n + attention).
+    * target layer j takes the mean of the source layers i whose relative span [i/L_s, (i+1)/L_s) overlaps
+      [j/L_t, (j+1)/L_t), weighted by the overlap (:func:`_overlap`); target KV head h likewise over the source
+      heads. A run with more layers or heads than the target is averaged (32 heads keeping 25% → 25% of each of 8),
+      one with fewer is spread; the mean over all slots is kept either way;
+    * each source slot's kept tokens become target tokens by :meth:`FixedParts.slot_tokens`: a fraction
+      ``kept / cap_s`` of the target capacity ``cap_t(j, target_context)``, except fixed-size parts (windowed slots
+      of ``heads`` / ``layers``, a ``budget``), which keep their token count (:mod:`kvcompress.latency.fixed`);
+      capped at cap_t;
+    * element widths: a hidden-axis codec's full-precision residual (``fixed.residual`` = R tokens) is separated
+      from the encoded part at the source (P(K) plain tokens per slot) and re-applied at the target as min(K_t, R)
+      tokens in the target's dtype, the rest at the encoded part's bits. With a dtype split (``fixed_bits`` /
+      ``dtype_fraction``, what a cache reports) bits in the cache's own dtype scale with the target dtype
+      (``kv_dtype_bytes``, default the target model's) and integer codes, float16 scales and indices keep their
+      absolute bits; without one, a width at or above the source dtype's means "not quantised" (the target dtype's
+      width) and a narrower one is kept as is. Kept widths scale with the cached widths (d_k, d_v: an MLA target
+      holds a latent of r_kv + d_rope), and so does the per-entry metadata;
+    * layer j is shared iff most of its overlap is with shared source layers and an earlier target layer is stored
+      (it then reuses the latest stored one); it skips its prefill K/V projection iff most of its overlap skips;
+    * ``extra_prefill_flops`` keeps its fraction of the dense prefill FLOPs (2·P_body,act·n + 2·V·d + A₂(n)).
     """
     src, tgt = profile.model, target_model_profile
     if isinstance(target_context, bool) or not isinstance(target_context, int) or target_context <= 0:
         raise KVCompressError(f"target_context={target_context!r} is invalid; valid: an integer >= 1")
+    fixed = fixed or FixedParts()
+    kvb = float(kv_dtype_bytes or tgt.dtype_bytes)
     ls, lt, hs, ht = src.num_layers, tgt.num_layers, src.num_kv_heads, tgt.num_kv_heads
+    n_s = float(profile.context_tokens)
     cap_s, cap_t = profile.capacity(), tgt.layer_tokens(target_context)
-    src_bits, tgt_bits, dim_scale = 8 * profile.dtype_bytes, 8 * tgt.dtype_bytes, tgt.head_dim / src.head_dim
-    layer_of = [min(ls - 1, math.floor((j + 0.5) * ls / lt)) for j in range(lt)]
-    rows, kb, vb, kd, vd, meta, fixed, frac_t = [], [], [], [], [], [], [], []
+    src_bits, tgt_bits = 8 * profile.dtype_bytes, 8 * kvb
+    k_scale = tgt.cache_key_dim / src.cache_key_dim
+    v_scale = (tgt.cache_value_dim / src.cache_value_dim if src.cache_value_dim
+               else tgt.cache_value_dim / src.cache_key_dim)
+    m_scale = (tgt.cache_key_dim + tgt.cache_value_dim) / (src.cache_key_dim + src.cache_value_dim)
+    by_layer, by_head = _overlap(ls, lt), _overlap(hs, ht)
+    decoded = fixed.decoded_tokens(profile.kept_tokens, cap_s, n_s)
+    split = bool(profile.fixed_bits)
+    # per source layer: kept tokens, unencoded (residual) tokens, and the encoded part's bits
+    enc = []
+    for i in range(ls):
+        row = profile.kept_tokens[i]
+        kept = sum(row)
+        plain = sum(fixed.plain_tokens(k) for k in row) if fixed.residual is not None else 0.0
+        coded = kept - plain
+        if split:
+            f, d = profile.fixed_bits[i], profile.dtype_fraction[i]
+            if coded > 1e-9:
+                f_enc, d_enc = f * kept / coded, max(0.0, (d * kept - plain) / coded)
+            else:  # nothing encoded at the run: the encoded part is charged at full precision (conservative)
+                f_enc, d_enc = 0.0, 1.0
+            enc.append((coded, f_enc, d_enc, None, None))
+        else:
+            def coded_bits(bits: float) -> float:
+                b = (bits * kept - src_bits * plain) / coded if coded > 1e-9 else src_bits
+                return tgt_bits if b >= src_bits - 1e-9 else b
+            enc.append((coded, 0.0, 0.0, coded_bits(profile.key_bits[i]), coded_bits(profile.value_bits[i])))
+    rows, kb, vb, kd, vd, meta, fixed_t, frac_t = [], [], [], [], [], [], [], []
     shared: dict[int, int] = {}
+    skips = []
     last_stored: int | None = None
-    for j, i in enumerate(layer_of):
-        frac = [min(1.0, profile.kept_tokens[i][min(hs - 1, math.floor((h + 0.5) * hs / ht))] / cap_s[i])
-                if cap_s[i] else 0.0 for h in range(ht)]
-        rows.append([f * cap_t[j] for f in frac])
-        if profile.fixed_bits:
-            fixed.append(profile.fixed_bits[i])
-            frac_t.append(profile.dtype_fraction[i])
-            kb.append(fixed[-1] + frac_t[-1] * tgt_bits)
+    for j in range(lt):
+        span = by_layer[j]
+        stored_w = sum(w for i, w in span if i not in profile.shared_layers)
+        skip_w = sum(w for i, w in span if i in profile.prefill_skips_kv_layers)
+        use = [(i, w / stored_w) for i, w in span if i not in profile.shared_layers] if stored_w > 0 else span
+        row = []
+        for h in range(ht):
+            tokens = sum(wi * wh * fixed.slot_tokens(profile.kept_tokens[i][g], cap_s[i], n_s, cap_t[j],
+                                                     float(target_context), decoded)
+                         for i, wi in use for g, wh in by_head[h])
+            row.append(min(cap_t[j], tokens))
+        rows.append(row)
+        total = sum(row)
+        plain = sum(fixed.target_plain_tokens(k) for k in row) if fixed.residual is not None else 0.0
+        coded = total - plain
+        weights = [(i, wi * enc[i][0]) for i, wi in use]
+        norm = sum(w for _, w in weights)
+        weights = [(i, w / norm) for i, w in weights] if norm > 0 else use
+        if split:
+            f_enc = sum(w * enc[i][1] for i, w in weights)
+            d_enc = sum(w * enc[i][2] for i, w in weights)
+            f_j = coded * f_enc / total if total else 0.0
+            d_j = (plain + coded * d_enc) / total if total else 1.0
+            fixed_t.append(f_j)
+            frac_t.append(d_j)
+            kb.append(f_j + d_j * tgt_bits)
             vb.append(kb[-1])
         else:
-            kb.append(tgt_bits if profile.key_bits[i] >= src_bits else profile.key_bits[i])
-            vb.append(tgt_bits if profile.value_bits[i] >= src_bits else profile.value_bits[i])
-        kd.append(profile.key_dim[i] * dim_scale)
-        vd.append(profile.value_dim[i] * dim_scale)
-        meta.append(profile.metadata_bytes_per_token[i] * dim_scale)
-        if i in profile.shared_layers and last_stored is not None:
+            for out, idx in ((kb, 3), (vb, 4)):
+                b_enc = sum(w * enc[i][idx] for i, w in weights)
+                out.append((plain * tgt_bits + coded * b_enc) / total if total else b_enc)
+        kd.append(sum(w * profile.key_dim[i] for i, w in use) * k_scale)
+        vd.append(sum(w * (profile.value_dim[i] if src.cache_value_dim else profile.key_dim[i]) for i, w in use)
+                  * v_scale)
+        meta.append(sum(w * profile.metadata_bytes_per_token[i] for i, w in use) * m_scale)
+        if stored_w < 0.5 and last_stored is not None:
             shared[j] = last_stored
         else:
             last_stored = j
-    skips = tuple(j for j, i in enumerate(layer_of) if i in profile.prefill_skips_kv_layers)
-    dense_src = 2 * src.params_active * profile.context_tokens + src.attention_flops(int(profile.context_tokens))
-    dense_tgt = 2 * tgt.params_active * target_context + tgt.attention_flops(target_context)
+        if skip_w >= 0.5:
+            skips.append(j)
+    dense_src = (2 * src.body_params_active * n_s + 2 * src.lm_head_params
+                 + src.attention_flops(int(profile.context_tokens), matmuls=2))
+    dense_tgt = (2 * tgt.body_params_active * target_context + 2 * tgt.lm_head_params
+                 + tgt.attention_flops(target_context, matmuls=2))
     extra = profile.extra_prefill_flops * dense_tgt / dense_src
-    return CompressionProfile(tgt, target_context, rows, dtype_bytes=tgt.dtype_bytes, key_bits=kb, value_bits=vb,
-                              key_dim=kd, value_dim=vd, metadata_bytes_per_token=meta, fixed_bits=fixed,
-                              dtype_fraction=frac_t, shared_layers=shared, extra_prefill_flops=extra, prefill_skips_kv_layers=skips,
-                              name=f"{profile.name}->{tgt.name}")
+    return CompressionProfile(tgt, target_context, rows, dtype_bytes=kvb, key_bits=kb, value_bits=vb,
+                              key_dim=kd, value_dim=vd, metadata_bytes_per_token=meta, fixed_bits=fixed_t,
+                              dtype_fraction=frac_t, shared_layers=shared, extra_prefill_flops=extra,
+                              prefill_skips_kv_layers=tuple(skips), name=f"{profile.name}->{tgt.name}")
