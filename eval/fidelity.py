@@ -18,7 +18,19 @@ from typing import Any
 
 import torch
 
+from kvcompress.constraints import Integer, check
+
 from .loop import Outcome, Sample, Task, evaluate
+
+#: prompts are token ids: any model, with or without a tokenizer
+NEEDS_TOKENIZER = False
+#: what each ``eval=fidelity`` option accepts (checked by :func:`validate` before any model loads)
+CONSTRAINTS = {"samples": Integer(min=1), "context": Integer(min=1), "new_tokens": Integer(min=1)}
+
+
+def validate(cfg: Any, tokenizer: Any = None) -> None:
+    """Check an ``eval=fidelity`` config before any model loads (one-line :class:`KVCompressError`)."""
+    check(cfg, CONSTRAINTS, prefix="eval.")
 
 
 def _prompt(vocab_size: int, length: int, seed: int) -> torch.Tensor:

@@ -7,7 +7,6 @@ would hold. Everything is read from host metadata and tensor shapes: no device v
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, TypedDict
 
@@ -114,14 +113,15 @@ class MemoryReport(TypedDict):
     kept_bytes: int  # bytes of the used part of every tensor held
     resident_bytes: int  # bytes allocated (append headroom included)
     workspace_bytes: int  # attention scratch for encoded blocks, reused across steps; not cache data
-    kept_fraction: float
+    kept_fraction: float | None  # kept / dense; None while nothing is stored
     context_tokens: int  # logical positions seen (left padding included)
     dtype_bytes: int | None
     kept_tokens: list[list[float]]  # per layer x KV head, mean over rows
-    key_bits: list[float]  # per layer, effective bits per kept element (metadata included)
-    value_bits: list[float]
-    fixed_bits: list[float]  # per layer, bits held in other dtypes (codes, fp16 scales, indices)
-    dtype_fraction: list[float]  # per layer, cache-dtype elements per kept element
+    key_bits: list[float] | None  # per layer, effective bits per kept element (metadata included); None if empty
+    value_bits: list[float] | None
+    fixed_bits: list[float] | None  # per layer, bits held in other dtypes (codes, fp16 scales, indices)
+    dtype_fraction: list[float] | None  # per layer, cache-dtype elements per kept element
+    empty: bool  # True before any forward: nothing stored yet (zero bytes; fraction and bits None)
     simulated: bool  # always False: every byte counted is a byte held by a tensor
 
 
@@ -130,23 +130,28 @@ def memory_report(cache: KVCompressCache) -> MemoryReport:
 
     ``key_bits``/``value_bits`` are the effective bits per kept element (:meth:`effective_bits`);
     ``fixed_bits``/``dtype_fraction`` split them (:meth:`bits_split`) so that a projection onto a model of
-    another dtype charges ``fixed_bits + dtype_fraction · target dtype bits``."""
+    another dtype charges ``fixed_bits + dtype_fraction · target dtype bits``.
+
+    Before any forward nothing is stored: ``empty`` is True, the bytes are zero, and ``kept_fraction`` and the bits
+    are None (there is no kept element to measure; not NaN, not the dtype's bits)."""
     dense, kept = dense_bytes(cache), kept_bytes(cache)
     first = next((layer for layer in cache.layers if layer.is_initialized), None)
-    split = bits_split(cache)
-    bits = effective_bits(cache, split)
+    empty = dense == 0
+    split = None if empty else bits_split(cache)
+    bits = None if split is None else effective_bits(cache, split)
     return MemoryReport(**{
         "dense_bytes": dense,
         "kept_bytes": kept,
         "resident_bytes": resident_bytes(cache),
         "workspace_bytes": cache.workspace.nbytes(),  # attention scratch, reused across steps; not cache data
-        "kept_fraction": kept / dense if dense else math.nan,
+        "kept_fraction": None if empty else kept / dense,
         "context_tokens": first.logical if first is not None else 0,
         "dtype_bytes": first.keys.element_size() if first is not None else None,
         "kept_tokens": kept_tokens(cache),
         "key_bits": bits,  # effective (metadata included), the same for keys and values
         "value_bits": bits,
-        "fixed_bits": [fixed for fixed, _ in split],  # bits in other dtypes (codes, fp16 scales, indices)
-        "dtype_fraction": [frac for _, frac in split],  # cache-dtype elements per kept element
+        "fixed_bits": None if split is None else [fixed for fixed, _ in split],  # bits in other dtypes (codes, ...)
+        "dtype_fraction": None if split is None else [frac for _, frac in split],  # cache-dtype elements per kept one
+        "empty": empty,  # nothing stored yet (before any forward)
         "simulated": False,  # every byte counted here is a byte held by a tensor
     })

@@ -84,6 +84,9 @@ def attach(model: torch.nn.Module) -> None:
         if hasattr(module, "layer_idx") and hasattr(module, "o_proj") and not getattr(module, "_kvc_hooked", False):
             module.register_forward_pre_hook(_remember_hidden_states, with_kwargs=True)
             module._kvc_hooked = True
+    from .artifacts import remember_model
+
+    remember_model(model)  # every attach: artifacts.model_of(attention module) finds this model
     current = model.config._attn_implementation
     if current == ATTENTION_NAME:
         return
@@ -125,6 +128,10 @@ def build_pipeline(
         items = list(method)
     if not items:
         raise KVCompressError("method=[] is empty; valid: a method name, 'a+b', or a list of names")
+    named = [str(i).strip() for i in items if not isinstance(i, Compressor)]
+    for key, value in (("ratio", ratio), ("budget", budget)):
+        if value is not None and named and not any(key in _fields_of(n) for n in named):
+            raise _not_a_parameter(key, value, named)
     compressors: list[Compressor] = []
     for item in items:
         if isinstance(item, Compressor):
@@ -141,7 +148,8 @@ def build_pipeline(
         compressors.append(make_compressor(name, **kwargs))
     if params:
         extra = sorted(params)[0]
-        raise KVCompressError(f"parameters given for {extra!r}, which is not in method={'+'.join(map(str, items))}")
+        raise KVCompressError(f"parameters given for {extra!r}, which is not in method={'+'.join(map(str, items))}; "
+                              f"valid: params for {', '.join(repr(c.name) for c in compressors)}")
     names = [c.name for c in compressors]
     if BASELINE in names and len(compressors) > 1:
         raise KVCompressError(f"method={'+'.join(names)} composes {BASELINE!r}; {BASELINE!r} keeps everything, drop it "
@@ -158,6 +166,40 @@ def build_pipeline(
         seen[comp.axis] = comp.name
     order = {axis: i for i, axis in enumerate(AXIS_ORDER)}
     return sorted((c for c in compressors if c.axis is not None), key=lambda c: order[c.axis])
+
+
+def _not_a_parameter(key: str, value: Any, names: list[str]) -> KVCompressError:
+    """``ratio=0.1`` given to methods none of which takes it: an error, never a row recording what did not run."""
+    from .registry import method_defaults
+
+    if len(names) == 1:
+        params = sorted(method_defaults(names[0]))
+        return KVCompressError(f"{key}={value!r} is not a parameter of method {names[0]!r}; valid: its parameters "
+                               f"{', '.join(params) or '(none)'} (method.{names[0]}.<param>=VALUE)")
+    return KVCompressError(f"{key}={value!r} is not a parameter of any method of {'+'.join(names)}; valid: a "
+                           f"{key} for a composition with a method that takes one, or each method's own parameters")
+
+
+def applied(pipeline: Sequence[Compressor], ratio: float | None = None,
+            budget: int | None = None) -> list[dict[str, Any]]:
+    """What each method of a pipeline runs with, for a results row: its name and axis, its ``ratio`` / ``budget`` as
+    applied (None where it has no such field), every other parameter, and ``not_applied``: the run-wide ``ratio`` /
+    ``budget`` it does not take (in ``layers+snapkv budget=64``, ``layers`` keeps its own ratio)."""
+    import dataclasses
+
+    out = []
+    for comp in pipeline:
+        fields = {f.name: getattr(comp, f.name) for f in dataclasses.fields(comp) if f.init}
+        out.append({
+            "name": comp.name,
+            "axis": comp.axis.value if comp.axis is not None else None,
+            "ratio": fields.pop("ratio", None),
+            "budget": fields.pop("budget", None),
+            "params": {k: v for k, v in fields.items() if isinstance(v, (str, int, float, bool, list, type(None)))},
+            "not_applied": [k for k, v in (("ratio", ratio), ("budget", budget))
+                            if v is not None and k not in {f.name for f in dataclasses.fields(comp)}],
+        })
+    return out
 
 
 def _fields_of(name: str) -> set[str]:

@@ -15,13 +15,27 @@ from transformers.cache_utils import Cache
 
 from . import accounting, pipeline
 from .compressor import Axis, Compressor, Workspace
+from .errors import KVCompressError
 from .layer import KVCompressLayer
 
 
 class KVCompressCache(Cache):
     """A ``Cache`` whose layers hold only what the compression pipeline kept. Create it with
     :func:`kvcompress.compress`, then pass it as ``cache`` (``past_key_values`` before transformers 5.24) to
-    ``generate`` or to a forward loop."""
+    ``generate`` or to a forward loop.
+
+    One cache is one prompt: its first forward (the prefill) is compressed, then single-token forwards decode.
+    Misuse raises :class:`~kvcompress.errors.KVCompressError` instead of giving a silently wrong answer:
+
+    * a second multi-token forward on a compressing cache (a new prompt, chunked prefill, multi-turn): use a fresh
+      ``kvcompress.compress(...)`` cache per prompt, or append a continuation uncompressed with
+      ``with cache.paused():``. A ``full`` cache (no compressors) accepts multi-token continuations as they are:
+      it compresses nothing, so storing them whole is what it would do anyway (as ``DynamicCache`` does);
+    * a model that was never attached (its attention is not kvcompress's, so nothing would be compressed): create
+      the cache with ``kvcompress.compress(model, ...)`` for that model, or call ``kvcompress.attach(model)``;
+    * a model of another layout than the config the cache was built from (more layers, or fewer, other KV heads or
+      head_dim), or another batch size than the prefill's.
+    """
 
     def __init__(self, config: Any, compressors: list[Compressor], *, trace: bool = False, diagnostics: bool = False):
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -46,12 +60,25 @@ class KVCompressCache(Cache):
         self.diagnostics = diagnostics
         self.enabled = True
         self.workspace = Workspace()  # scratch for reconstructing encoded blocks in attention (not cache data)
+        #: the layer updated last: its attention must have consumed its keys by the next update (misuse check)
+        self._last_updated: KVCompressLayer | None = None
         super().__init__(layers=[KVCompressLayer(i, self) for i in range(self.num_layers)])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx >= self.num_layers:
+            raise KVCompressError(
+                f"the model has a layer {layer_idx} but the cache was built for {self.num_layers} layers "
+                f"({self.num_kv_heads} KV heads x head_dim {self.head_dim}); valid: a cache from "
+                "kvcompress.compress(model, ...) for the model it is used with"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     # -- control --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Run forwards without compressing (e.g. append a question after compressing the context)."""
+        """Run forwards without compressing: append a continuation uncompressed (a question after a compressed
+        context, the next turn of a conversation, the next chunk of a prefill)."""
         previous, self.enabled = self.enabled, False
         try:
             yield

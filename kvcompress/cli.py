@@ -8,9 +8,10 @@ several commands takes the command as its first word (``python -m kvcompress.zoo
 ``--hydra-help`` work as usual.
 
 Bad input stops with ONE line ``error: ...; valid: ...`` and exit status 2 before any work: :func:`preflight`
-checks every override against the config (the key exists; a value of the default's type), and :func:`main` runs
-the command through ``hydra.main`` with nothing written to the working directory (no ``outputs/``, no
-``.hydra/``, no log files).
+checks every override against the config (the key exists; a value of the default's type), the command's declared
+:attr:`Command.constraints` (:mod:`kvcompress.constraints`: ranges, choices, files that must exist or be writable)
+and its ``validate`` check the composed config, and :func:`main` runs the command through ``hydra.main`` with
+nothing written to the working directory (no ``outputs/``, no ``.hydra/``, no log files).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from .constraints import Constraint, check
 from .errors import KVCompressError, unknown_choice
 
 CONFIG_DIR = Path(importlib.import_module("kvcompress.configs").__file__).parent
@@ -51,6 +53,17 @@ class Command:
     help: str
     choose: str | None = None
     hidden: tuple[str, ...] = ()
+    #: what each option accepts (:mod:`kvcompress.constraints`), checked on the composed config before ``run``
+    constraints: Mapping[str, Constraint] = dataclasses.field(default_factory=dict)
+    #: rules between options (or needing a file read), run after the constraints, still before ``run``
+    validate: Callable[[Any], None] | None = None
+
+    def checked_run(self, cfg: Any) -> Any:
+        """``run(cfg)`` once the config passed :attr:`constraints` and :attr:`validate`."""
+        check(cfg, self.constraints)
+        if self.validate is not None:
+            self.validate(cfg)
+        return self.run(cfg)
 
     def choices(self) -> list[str]:
         if self.choose is None:
@@ -269,7 +282,7 @@ def main(prog: str, commands: Mapping[str, Command], argv: Sequence[str], defaul
         raise unknown_choice("command", args[0], named)
     flags, overrides = split_args(args, "key=VALUE options (--help lists them)")
     overrides = preflight(overrides, config_file, strict=True)
-    return run_hydra(config_file, [*flags, *QUIET_HYDRA, *overrides], cmd.run,
+    return run_hydra(config_file, [*flags, *QUIET_HYDRA, *overrides], cmd.checked_run,
                      f"{prog} {name}" if name != default else prog)
 
 

@@ -18,7 +18,9 @@ def unknown_choice(what: str, value: object, choices: Iterable[str]) -> KVCompre
 
 def check_ratio(value: object, name: str = "ratio") -> float:
     """A kept fraction: a real number in (0, 1]. Returns it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool):
+        raise KVCompressError(f"{name}={value!r} is a boolean, not a number; valid: a kept fraction in (0, 1]")
+    if not isinstance(value, (int, float)):
         try:
             value = float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):

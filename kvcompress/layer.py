@@ -92,8 +92,15 @@ class KVCompressLayer(CacheLayerMixin):
 
     # -- CacheLayerMixin ------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
+        cache = self.cache
+        if cache is not None and (h, d) != (cache.num_kv_heads, cache.head_dim):
+            raise KVCompressError(
+                f"layer {self.layer_idx} got keys of {h} KV heads x head_dim {d}, but the cache was built for "
+                f"{cache.num_kv_heads} KV heads x head_dim {cache.head_dim} ({cache.num_layers} layers); "
+                "valid: a cache from kvcompress.compress(model, ...) for the model it is used with"
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
         self.keys = key_states.new_empty((b, h, 0, d))
         self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
         if self._tracks_positions:
@@ -101,13 +108,59 @@ class KVCompressLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        cache = self.cache
+        if cache is not None:
+            self._check_use(cache, key_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._append(key_states, value_states)
         keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
         self._returned_key = keys
         _ACTIVE.layer = self
+        if cache is not None:
+            cache._last_updated = self
         return keys, values
+
+    def _check_use(self, cache: KVCompressCache, key_states: torch.Tensor) -> None:
+        """Refuse API misuse before anything is stored (host metadata only: no device read on the decode path).
+
+        * The attention of the previously updated layer never went through ``kvcompress_attention`` (which consumes
+          ``_returned_key``): the model was never attached, so nothing would be compressed.
+        * Keys of another layout than the buffer's (another model, or another batch size).
+        * Layer 0 updated again while the cache's last layer is behind it: the model has fewer layers than the cache.
+        * A second multi-token forward on a compressing cache: its tokens would be stored uncompressed.
+        """
+        last = cache._last_updated
+        if last is not None and last._returned_key is not None:
+            raise KVCompressError(
+                f"layer {last.layer_idx}'s attention did not go through kvcompress (the model was never attached: "
+                "it ran stock attention and nothing was compressed); valid: create the cache with "
+                "kvcompress.compress(model, ...) for THIS model, or call kvcompress.attach(model) first"
+            )
+        if not self.logical:
+            return
+        held, got = self.keys.shape, key_states.shape
+        if got[:2] != held[:2] or got[-1] != held[-1]:
+            raise KVCompressError(
+                f"layer {self.layer_idx} holds {held[0]} rows x {held[1]} KV heads x head_dim {held[-1]} but got keys "
+                f"of {got[0]} rows x {got[1]} KV heads x head_dim {got[-1]}; valid: the same batch on a cache from "
+                "kvcompress.compress(model, ...) for the model it is used with"
+            )
+        if self.layer_idx == 0 and cache.layers[-1].logical != self.logical:
+            raise KVCompressError(
+                f"layer 0 has seen {self.logical} positions but the cache's last layer ({cache.num_layers - 1}) "
+                f"{cache.layers[-1].logical}: the model has fewer layers than the {cache.num_layers} the cache was "
+                "built for, or a forward failed midway; valid: a fresh kvcompress.compress(model, ...) cache for "
+                "this model"
+            )
+        n = key_states.shape[-2]
+        if n > 1 and cache.enabled and cache.compressors:
+            raise KVCompressError(
+                f"a second multi-token forward: the cache already holds a prompt of {self.logical} positions and got "
+                f"{n} new tokens, which would be stored uncompressed; valid: a fresh kvcompress.compress(...) cache "
+                "per prompt (a new prompt), or `with cache.paused():` to append them uncompressed (a continuation: "
+                "multi-turn, chunked prefill, a question after a compressed context)"
+            )
 
     def get_seq_length(self) -> int:
         return self.logical
@@ -126,6 +179,7 @@ class KVCompressLayer(CacheLayerMixin):
         self.length = self.logical = 0
         self.pristine, self.segments, self.ragged, self.pad, self.positions, self.state = True, [], None, None, None, {}
         self.slots_ordered = True
+        self.pending = self._returned_key = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)

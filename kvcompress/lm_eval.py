@@ -164,7 +164,8 @@ class KVCompressLM(HFLM):
             first = self.model(inps[:, :split], **cache_arg(cache), use_cache=True, logits_to_keep=1).logits
             if split == length:
                 return first
-            rest = self.model(inps[:, split:], **cache_arg(cache), use_cache=True).logits
+            with cache.paused():  # a continuation: appended uncompressed (a compressing cache refuses it otherwise)
+                rest = self.model(inps[:, split:], **cache_arg(cache), use_cache=True).logits
         return torch.cat([first, rest], dim=1)
 
 
@@ -185,10 +186,44 @@ def main(argv: list[str] | None = None) -> None:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     try:
+        check_arguments(sys.argv[1:])
         cli_evaluate()
     except KVCompressError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except ValueError as err:  # lm-eval's own checks of its arguments, before any model loads
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if not first.startswith("Tasks not found"):
+            raise
+        print(f"error: lm-eval: {first}; valid: task names of `lm_eval ls tasks` (or --include_path DIR)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def check_arguments(argv: list[str]) -> None:
+    """Check ``--model_args`` of ``--model kvcompress`` before lm-eval loads anything: the method, its ratio /
+    budget / parameters (as the model's constructor will), and a local ``pretrained`` directory."""
+    values: dict[str, str] = {}
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag in ("--model", "--model_args") and (eq or i + 1 < len(argv)):
+            values[flag] = value if eq else argv[i + 1]
+    if values.get("--model") != MODEL_NAME or "--model_args" not in values:
+        return
+    from lm_eval.utils import simple_parse_args_string
+
+    from .constraints import ModelDir, check_value
+
+    args = simple_parse_args_string(values["--model_args"])
+    params: dict[str, dict[str, Any]] = {}
+    for key in [k for k in args if "." in k]:
+        name, _, field = key.partition(".")
+        params.setdefault(name, {})[field] = args.pop(key)
+    build_pipeline(str(args.get("method", BASELINE)), ratio=args.get("ratio"), budget=args.get("budget"),
+                   params=params)
+    pretrained = str(args.get("pretrained", ""))
+    if pretrained.startswith((".", "/", "~")):
+        check_value("pretrained", pretrained, ModelDir())
 
 
 if __name__ == "__main__":

@@ -68,23 +68,38 @@ def _tiny_random(dtype: torch.dtype) -> LoadedModel:
 
 
 BUILTIN: dict[str, Callable[[torch.dtype], LoadedModel]] = {"tiny-random": _tiny_random}
+#: built-in models' tokenizers, loadable without the weights
+TOKENIZERS: dict[str, Callable[[], PreTrainedTokenizerBase]] = {}
 
 
-def register_builtin(name: str, factory: Callable[[torch.dtype], LoadedModel]) -> None:
+def register_builtin(name: str, factory: Callable[[torch.dtype], LoadedModel],
+                     tokenizer: Callable[[], PreTrainedTokenizerBase] | None = None) -> None:
     BUILTIN[name] = factory
+    if tokenizer is not None:
+        TOKENIZERS[name] = tokenizer
 
 
-def load_model(model_cfg: Any, dtype: str | None = None, device: str = "cpu") -> LoadedModel:
-    """Load the model a run's ``model`` config describes (``builtin:`` name or ``path:`` to a directory / hub id)."""
+def check_model_config(model_cfg: Any, dtype: str | None = None) -> None:
+    """Everything about a run's ``model`` config that can be checked without loading weights (one-line
+    :class:`KVCompressError`): the dtype, the device map, the built-in name, and for ``path`` a local directory whose
+    ``config.json`` transformers reads (``AutoConfig``, no weights) naming a supported architecture."""
     dtype_name = dtype or model_cfg.get("dtype") or "float32"
     if dtype_name not in DTYPES:
         raise unknown_choice("dtype", dtype_name, DTYPES)
-    torch_dtype = DTYPES[dtype_name]
-    builtin = model_cfg.get("builtin")
-    path = model_cfg.get("path")
     device_map = check_device_map(model_cfg.get("device_map"))
-    if path:  # an explicit path wins over a built-in name (model.path=DIR on any model config)
-        loaded = _from_pretrained(str(path), torch_dtype, device_map)
+    path, builtin = model_cfg.get("path"), model_cfg.get("builtin")
+    if path:
+        local = _local_dir(str(path))
+        if local is not None:
+            from .constraints import ModelDir, check_value
+
+            check_value("model.path", str(path), ModelDir())
+            try:
+                config = AutoConfig.from_pretrained(str(local))
+            except (OSError, ValueError, KeyError) as err:
+                raise KVCompressError(f"model.path={str(path)!r}: transformers cannot read its config.json "
+                                      f"({str(err).splitlines()[0]}); valid: a directory written by save_pretrained") from None
+            check_architecture(config)
     elif builtin:
         if device_map is not None:
             raise KVCompressError(
@@ -94,13 +109,55 @@ def load_model(model_cfg: Any, dtype: str | None = None, device: str = "cpu") ->
         _load_builtin_plugins()
         if builtin not in BUILTIN:
             raise unknown_choice("built-in model", builtin, BUILTIN)
-        loaded = BUILTIN[builtin](torch_dtype)
     else:
         raise KVCompressError(f"model {model_cfg.get('name')!r} has neither `builtin` nor `path`; set model.path=DIR")
+
+
+def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of a run's model without its weights (None when the model has none, e.g. ``tiny-random``):
+    checks that need it (a needle length too short for a template's fixed text) run before the model loads."""
+    path, builtin = model_cfg.get("path"), model_cfg.get("builtin")
+    if path:
+        local = _local_dir(str(path))
+        try:
+            return AutoTokenizer.from_pretrained(str(local) if local is not None else str(path))
+        except (OSError, ValueError):
+            return None
+    _load_builtin_plugins()
+    factory = TOKENIZERS.get(builtin)
+    return factory() if factory is not None else None
+
+
+def load_model(model_cfg: Any, dtype: str | None = None, device: str = "cpu") -> LoadedModel:
+    """Load the model a run's ``model`` config describes (``builtin:`` name or ``path:`` to a directory / hub id)."""
+    check_model_config(model_cfg, dtype)
+    torch_dtype = DTYPES[dtype or model_cfg.get("dtype") or "float32"]
+    device_map = check_device_map(model_cfg.get("device_map"))
+    path, builtin = model_cfg.get("path"), model_cfg.get("builtin")
+    if path:  # an explicit path wins over a built-in name (model.path=DIR on any model config)
+        loaded = _from_pretrained(str(path), torch_dtype, device_map)
+    else:
+        loaded = BUILTIN[builtin](torch_dtype)
     check_architecture(loaded.model)
     if device_map is None:  # with a device_map, accelerate has placed (and may have split) the model already
         loaded.model.to(device)
     return loaded
+
+
+def _local_dir(path: str) -> Path | None:
+    """The local directory ``path`` names, or None for a hub id; an absent local-looking path (or any absent path
+    with ``HF_HUB_OFFLINE=1``) is an error."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if offline or path.startswith((".", "/", "~")):
+        raise KVCompressError(
+            f"unknown model path {path!r}: no such local directory"
+            + (" (and HF_HUB_OFFLINE=1, so hub ids cannot be fetched)" if offline else "")
+            + "; valid: a directory with config.json, or a built-in model (model=tiny-random | model=testbed)"
+        )
+    return None
 
 
 def check_device_map(value: Any) -> DeviceMap | None:
@@ -128,15 +185,8 @@ def check_device_map(value: Any) -> DeviceMap | None:
 
 
 def _from_pretrained(path: str, dtype: torch.dtype, device_map: DeviceMap | None = None) -> LoadedModel:
-    local = Path(path).expanduser()
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    if not local.is_dir() and (offline or path.startswith((".", "/", "~"))):
-        raise KVCompressError(
-            f"unknown model path {path!r}: no such local directory"
-            + (" (and HF_HUB_OFFLINE=1, so hub ids cannot be fetched)" if offline else "")
-            + "; valid: a directory with config.json, or a built-in model (model=tiny-random | model=testbed)"
-        )
-    source = str(local) if local.is_dir() else path
+    local = _local_dir(path)
+    source = str(local) if local is not None else path
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation="sdpa", device_map=device_map

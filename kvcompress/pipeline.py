@@ -41,6 +41,8 @@ def attention(
     out = layer.attend(module, query, attention_mask, scaling, **kwargs)
     if cache.observers and q_len == 1:
         notify(cache, layer, query, attention_mask, scaling)
+    # phase None (several tokens after earlier ones) only reaches here when nothing compresses (under
+    # `cache.paused()`, or no compressors): `KVCompressLayer.update` refuses it on a compressing cache.
     phase = "prefill" if layer.logical == q_len else ("decode" if q_len == 1 else None)
     padding_valid = _padding_validity(attention_mask, layer.length) if phase == "prefill" else None
     if padding_valid is not None:

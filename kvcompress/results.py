@@ -4,11 +4,13 @@
 benchmarks that back a table (``scripts/quant_memory.py``, ``scripts/rope_check.py``) — and
 :mod:`kvcompress.tables` renders every table from. A row carries ``schema_version`` (:data:`SCHEMA_VERSION`);
 rows written before the schema existed have no version and are version 1 by definition (untyped dicts, still
-readable: they are version 2 rows without ``samples`` / ``timing``).
+readable: they are version 2 rows without ``samples`` / ``timing``); version 2 rows are version 3 rows without
+``methods``.
 
-:func:`read_rows` validates line by line: a line that is not a JSON object (e.g. the torn last line of a killed run),
-a row of an unknown schema version, or a version-2 row with missing or mistyped fields is reported as one line on
-stderr naming the file and the line, and skipped; every other row is read.
+:func:`read_rows` validates line by line: lines that are not UTF-8, not JSON (e.g. the torn last line of a killed run),
+not an object, of an unknown schema version, or typed rows with missing or mistyped fields are skipped and named
+in one warning on stderr; every other row is read. Appends, the rerun check and concurrent runs go through
+:mod:`kvcompress.results_file` (a lock, per-configuration claims and an index of finished keys).
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import transformers
 from . import __version__
 from .errors import KVCompressError
 from .registry import BASELINE
+from .results_file import ResultsFile
+from .results_file import read_rows as _read_rows
 
 #: The version of :class:`Row` this code writes. 1 = the untyped rows written before the schema (no version field).
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass
@@ -45,6 +49,9 @@ class Row:
     * ``method`` (``a+b`` for a composition), ``ratio``, ``budget``, ``model`` (``name``, ``constructed``,
       ``random_init``), ``task`` (the evaluation, or a benchmark's measurement), ``query_aware``;
     * ``config``: the full resolved configuration;
+    * ``methods``: per composed method, what it ran with (:func:`kvcompress.api.applied`): its ``ratio`` / ``budget``
+      as applied, its parameters, and ``not_applied``, the run-wide ``ratio`` / ``budget`` it does not take
+      (version 3; older rows have none);
     * ``memory``: the memory report of the first sample's cache (``kvcompress.KVCompressCache.memory_report``) with
       the pipeline and the prefill cost the methods declare;
     * ``accuracy``: the task's result block (for a benchmark row: its measured figures);
@@ -70,6 +77,7 @@ class Row:
     memory: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
     method_state: dict[str, Any] = field(default_factory=dict)
+    methods: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     timing: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
@@ -92,7 +100,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "config_key": (str,), "method": (str,), "task": (str,), "model": (dict,), "config": (dict,), "accuracy": (dict,),
     "provenance": (dict,), "ratio": (int, float, type(None)), "budget": (int, type(None)),
     "query_aware": (bool, type(None)), "memory": (dict,), "latency": (dict,), "method_state": (dict,),
-    "samples": (list,), "timing": (dict,), "schema_version": (int,),
+    "methods": (list,), "samples": (list,), "timing": (dict,), "schema_version": (int,),
 }  # fmt: skip
 _REQUIRED = tuple(f.name for f in dataclasses.fields(Row) if f.default is dataclasses.MISSING
                   and f.default_factory is dataclasses.MISSING)  # type: ignore[misc]
@@ -104,7 +112,7 @@ def _version(data: dict[str, Any]) -> Any:
 
 def validate_row(data: Any) -> str | None:
     """Why ``data`` is not a readable row (one line), or None. Version-1 rows (no ``schema_version``) are untyped
-    dicts and accepted as they are; version-2 rows must have every required field, no unknown one, and the types
+    dicts and accepted as they are; typed rows (versions 2, 3) must have every required field, no unknown one, and the types
     of :class:`Row`."""
     if not isinstance(data, dict):
         return f"not a JSON object (a {type(data).__name__})"
@@ -125,71 +133,35 @@ def validate_row(data: Any) -> str | None:
     return None
 
 
+def results_file(path: str | os.PathLike[str], on_error: Callable[[str], None] | None = None) -> ResultsFile:
+    """The results file at ``path`` with its lock, claims and key index (:mod:`kvcompress.results_file`)."""
+    return ResultsFile(path, validate_row, on_error or _report)
+
+
 def check_writable(path: str | os.PathLike[str]) -> Path:
     """Fail before any computation if the results file cannot be appended to (nothing in it is touched)."""
-    target = Path(path).expanduser()
-    blocker = next((a for a in target.parents if a.exists() and not a.is_dir()), None)
-    if blocker is not None:
-        raise KVCompressError(f"results path {str(path)!r} is not writable ({str(blocker)!r} is a file, not a "
-                              "directory); valid: a writable file path")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "a", encoding="utf-8"):
-            pass
-    except OSError as err:
-        raise KVCompressError(f"results path {str(path)!r} is not writable ({err.strerror}); valid: a writable file path") from None
-    return target
+    return results_file(path).check_writable()
 
 
 def append_row(path: str | os.PathLike[str], row: Row | dict[str, Any]) -> None:
-    """Append one row as a single ``write`` of one line, flushed and fsynced: a crash leaves earlier rows intact.
-
-    A writer killed mid-``write`` can leave a torn last line without its newline; the new row then starts on a fresh
-    line, so the torn line stays one unreadable line (reported and skipped by :func:`read_rows`) and this row stays
-    readable."""
+    """Append one row (:meth:`kvcompress.results_file.ResultsFile.append`: one locked, fsynced write of one line;
+    a failed write leaves the file as it was and saves the row to a rescue file)."""
     data = row.to_dict() if isinstance(row, Row) else row
-    line = (json.dumps(data, sort_keys=True, default=_json_default) + "\n").encode("utf-8")
-    with open(path, "a+b") as f:
-        end = f.seek(0, os.SEEK_END)
-        if end:
-            f.seek(end - 1)
-            if f.read(1) != b"\n":
-                line = b"\n" + line
-        f.write(line)  # append mode: the write goes to the end whatever the read position
-        f.flush()
-        os.fsync(f.fileno())
+    results_file(path).append(data, default=json_default)
 
 
 def _report(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def read_rows(path: str | os.PathLike[str], on_error: Callable[[str], None] | None = _report) -> list[dict[str, Any]]:
-    """Rows of a results file, as dicts. A line that is not a readable row is reported through ``on_error`` (one
-    line naming the file and the line; default: ``error: ...`` on stderr) and skipped; the others are read.
-    Blank lines are ignored; a missing file has no rows."""
-    rows: list[dict[str, Any]] = []
-    p = Path(path)
-    if not p.exists():
-        return rows
-    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as err:
-            problem: str | None = f"not JSON ({err.msg} at column {err.colno}; a torn line from a killed run?)"
-        else:
-            problem = validate_row(data)
-        if problem:
-            if on_error is not None:
-                on_error(f"{p}, line {number}: {problem}; line skipped")
-            continue
-        rows.append(data)
-    return rows
+    """Rows of a results file, as dicts (streamed). Lines that are not readable rows (not UTF-8, not JSON, not an
+    object, an unknown schema) are skipped and reported through ``on_error`` in ONE message naming the file and the
+    lines (default: ``warning: ...`` on stderr). Blank lines are ignored; a missing file has no rows."""
+    return _read_rows(path, validate_row, on_error)
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if isinstance(obj, Path):
@@ -212,7 +184,10 @@ def jsonable(obj: Any) -> Any:
 
 def memory_block(cache: Any, config: Any) -> dict[str, Any]:
     """The ``memory`` block of a row: the cache's memory report, its pipeline, the scoring work the methods declare
-    for the latency model's prefill term, and whether any prefill compute is saved."""
+    for the latency model's prefill term, whether any prefill compute is saved, and which parts of the cache are
+    fixed-size (``fixed_size``: windows, a token budget, a codec's full-precision residual;
+    :mod:`kvcompress.latency.fixed`), so the latency projection carries them as token counts."""
+    from .latency.fixed import describe as fixed_size
     from .latency.profile import describe_prefill_saving
 
     memory = cache.memory_report()
@@ -226,12 +201,19 @@ def memory_block(cache: Any, config: Any) -> dict[str, Any]:
         "extra_prefill_flops": extra,
         "prefill_skips_kv_layers": sorted(skips),
         "prefill_saving": describe_prefill_saving(skips),
+        "fixed_size": fixed_size(cache.compressors).to_dict(),
     })
     return memory
 
 
-def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parent.parent
+def _git_commit(root: Path | None = None) -> str | None:
+    """The commit of the kvcompress checkout this code runs from (``root``: the folder holding the package;
+    ``-dirty`` with uncommitted changes to tracked files), or None when it is not a checkout: an installed package
+    inside some other git repository (a site-packages folder under a project's checkout) must not report that
+    repository's commit."""
+    root = root or Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file() or not (root / ".git").exists():
+        return None  # installed (non-editable): the package folder is not the top of a kvcompress checkout
     try:
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True

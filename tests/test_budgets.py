@@ -40,14 +40,15 @@ def test_pyramidkv_is_snapkv_with_the_pyramidkv_layer_allocation() -> None:
 
 def test_adaptive_heads_budgets_are_the_scores_allocation_any_scorer_takes(tmp_path) -> None:
     """With a head-score artifact favouring KV head 0, both give head 0 the larger share of the layer's budget."""
-    from kvcompress.artifacts import config_hash
+    from kvcompress.artifacts import config_hash, weights_fingerprint
     from kvcompress.methods.head.scores import save_scores
 
-    cfg = tiny_model("llama").config
+    model = tiny_model("llama")  # the same seeded weights as _kept's model: its fingerprint
+    cfg = model.config
     kv = [[1.0, 0.0] for _ in range(cfg.num_hidden_layers)]
     zeros = [[0.0] * cfg.num_attention_heads for _ in range(cfg.num_hidden_layers)]
-    path = save_scores({"format": "kvcompress-head-scores", "version": 1, "config_hash": config_hash(cfg),
-                        "model": "tiny", "num_layers": cfg.num_hidden_layers, "num_heads": cfg.num_attention_heads,
+    path = save_scores({"format": "kvcompress-head-scores", "version": 2, "config_hash": config_hash(cfg),
+                        "weights": weights_fingerprint(model), "model": "tiny", "num_layers": cfg.num_hidden_layers, "num_heads": cfg.num_attention_heads,
                         "num_kv_heads": 2, "primary": "retrieval", "retrieval": zeros, "mass": zeros,
                         "retrieval_kv": kv, "mass_kv": [[0.0, 0.0] for _ in kv]}, tmp_path / "scores.json")
     kept, _ = _kept("adaptive_heads", ratio=0.3, scores=str(path))

@@ -85,7 +85,7 @@ BAD = [
     (bench_main, ["decode.repeats=3.5"], "decode.repeats=3.5 is invalid; valid: an integer (default: 5)"),
     (bench_main, ["config=gpu"], "unknown config 'gpu'"),
     (bench_main, ["-m", "decode.repeats=1,2"], "a tool runs one configuration per call"),
-    (bench_main, ["parts=[decode,nope]"], "unknown part 'nope'"),
+    (bench_main, ["parts=[decode,nope]"], "unknown parts[1] 'nope'"),
     (bench_main, ["gpu", "frobnicate=1"], "unknown option 'frobnicate'"),
     (run_main, ["frobnicate=1"], "unknown config key 'frobnicate'"),
 ]

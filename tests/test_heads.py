@@ -25,6 +25,7 @@ from kvcompress.methods.head.scores import (
     full_kv_heads,
     kv_order,
     save_scores,
+    weights_fingerprint,
 )
 from kvcompress.ragged import index_bytes
 
@@ -193,7 +194,8 @@ def _artifact(model, best: list[tuple[int, int]]) -> dict:
         kv[layer][head] = 1.0 - 0.1 * rank
     zeros = [[0.0] * cfg.num_attention_heads for _ in range(cfg.num_hidden_layers)]
     return {
-        "format": "kvcompress-head-scores", "version": 1, "config_hash": config_hash(model), "model": "tiny",
+        "format": "kvcompress-head-scores", "version": 2, "config_hash": config_hash(model),
+        "weights": weights_fingerprint(model), "model": "tiny",
         "num_layers": cfg.num_hidden_layers, "num_heads": cfg.num_attention_heads,
         "num_kv_heads": cfg.num_key_value_heads, "primary": "retrieval", "retrieval": zeros, "mass": zeros,
         "retrieval_kv": kv, "mass_kv": [[0.0] * cfg.num_key_value_heads for _ in kv],

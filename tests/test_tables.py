@@ -51,7 +51,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         "error: unknown option 'colour'; valid choices: name, out, rows"]
     missing = _cli("heads", f"rows={tmp_path / 'none.jsonl'}", f"out={tmp_path}", cwd=tmp_path)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
-    assert missing.stderr.startswith("error: rows file") and not list(tmp_path.glob("*.md"))
+    assert missing.stderr.startswith(f"error: rows='{tmp_path / 'none.jsonl'}': does not exist") and not list(tmp_path.glob("*.md"))
     assert not (tmp_path / "outputs").exists() and not (tmp_path / ".hydra").exists()  # Hydra writes nothing
 
 

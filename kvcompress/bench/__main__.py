@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from .. import cli  # noqa: E402
+from ..constraints import Choice, ExistingPath, Integer, ListOf, Number, Optional, OutputFile, fraction  # noqa: E402
 from ..errors import KVCompressError, unknown_choice  # noqa: E402
 from . import bandwidth, decode, gpu, memory, ops, prefill, report, throughput  # noqa: E402
 from .common import BenchModel, axis_of, load_avg, load_bench_model, machine, prepare, resolve_methods  # noqa: E402
@@ -35,8 +36,44 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+#: what each option of the suite accepts (kvcompress.constraints), checked before anything is measured
+CONSTRAINTS = {
+    "parts": ListOf(Choice(PARTS)),
+    "threads": Integer(min=1),
+    "out_md": OutputFile(suffixes=(".md",)),
+    "out_json": OutputFile(suffixes=(".json",)),
+    "render": Optional(ExistingPath("file", text=True)),
+    "bandwidth.size_mib": Integer(min=1),
+    "bandwidth.repeats": Integer(min=1),
+    "prefill.ratio": fraction(),
+    "prefill.contexts": ListOf(Integer(min=1)),
+    "prefill.repeats": Integer(min=1),
+    "prefill.repeats_by_context.*": Integer(min=1),
+    "prefill.repeats_by_model.*": Integer(min=1),
+    "prefill.plain_every": Integer(min=1),
+    "prefill.plain_every_by_context.*": Integer(min=1),
+    "decode.contexts": ListOf(Integer(min=1)),
+    "decode.token_methods_at": fraction(),
+    "decode.token_methods_contexts": ListOf(Integer(min=1), min_len=0),
+    "decode.steps": Integer(min=1),
+    "decode.repeats": Integer(min=1),
+    "decode.attention_iters": Integer(min=1),
+    "decode.attention_repeats": Integer(min=1),
+    "ops.rows": ListOf(Integer(min=1)),
+    "ops.distinct": ListOf(Integer(min=1)),
+    "memory.context": Integer(min=1),
+    "memory.steps": Integer(min=0),
+    "memory.ratio": fraction(),
+    "throughput.lengths": ListOf(Integer(min=1)),
+    "throughput.depths": Optional(ListOf(Number(0.0, 1.0))),
+    "throughput.samples": Integer(min=1),
+    "throughput.repeats": Integer(min=1),
+}
+
+
 def validate(cfg: Any) -> None:
-    """What can be checked before anything is measured: parts, model names, targets, the decode reference."""
+    """What can be checked before anything is measured, besides :data:`CONSTRAINTS`: model names, targets, the
+    decode reference."""
     parts = list(cfg.parts)
     for part in parts:
         if part not in PARTS:
@@ -176,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             bandwidth, kernels per decode step on the virtual accelerator, resident vs kept bytes vs process peak,
             needle throughput, and the targets met / not met (paper_tables/perf.md + perf.json; config=quick is a
             short smoke run). render=JSON only re-writes the Markdown from a results JSON.""",
-                            choose="bench", hidden=("gpu",)),
+                            choose="bench", hidden=("gpu",), constraints=CONSTRAINTS, validate=validate),
         "gpu": gpu.command(args[1:]),
     }
     try:

@@ -7,8 +7,9 @@
 One renderer (:mod:`kvcompress.tables.render`: Markdown pipe tables and LaTeX booktabs) and one spec per table
 (:data:`TABLES`): ``methods`` (the paper sweep: ``methods.md`` / ``.tex``, ``methods_axes.md``, the Pareto plot and
 the needle heatmaps), ``testbed``, ``heads``, ``layers``, ``hidden`` (per-axis needle sweeps on the constructed
-testbed), ``quant_memory`` (``scripts/quant_memory.py``'s measurement) and ``fu2024`` (computed by
-:mod:`kvcompress.latency`, no rows). The rows of a table are in ``paper_tables/rows/<table>.jsonl``
+testbed), ``quant_memory`` (``scripts/quant_memory.py``'s measurement), ``fu2024`` (computed by
+:mod:`kvcompress.latency`, no rows) and ``latency_check`` (the latency model beside an independent first-principles
+count for public configs, no rows). The rows of a table are in ``paper_tables/rows/<table>.jsonl``
 (:class:`kvcompress.results.Row`), measured by ``python -m kvcompress.sweep <table>`` (``scripts/paper_sweep.sh``
 for ``methods``); the same rows always give byte-identical files. ``perf.md`` and ``gpu.md`` are rendered by
 ``python -m kvcompress.bench`` from their own JSON and are not regenerated here.
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..constraints import AnyOf, ExistingPath, FileName, ListOf, Optional, OutputDir
 from .methods import ACCURACY_COLUMNS, LINESTYLES, MARKERS, generate, headline, headline_key, latest_rows
 from .render import Table, latex, latex_lines, markdown, markdown_sections, tex
 
@@ -53,6 +55,7 @@ TABLES: dict[str, Spec] = {
     "hidden": Spec("hidden", ("hidden.md",)),
     "quant_memory": Spec("quant_memory", ("quant_memory.md",)),
     "fu2024": Spec("fu2024", ("fu2024.md", "fu2024.tex"), rows=False),
+    "latency_check": Spec("latency_check", ("latency_check.md",), rows=False),
 }
 
 
@@ -104,6 +107,14 @@ def _command(table: str | None):
     return run
 
 
+#: what each option accepts (kvcompress.constraints), checked before anything is read or written
+CONSTRAINTS = {
+    "rows": AnyOf((ExistingPath("any"), ListOf(ExistingPath("file")))),
+    "out": OutputDir(),
+    "name": Optional(FileName()),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     import sys
 
@@ -112,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import KVCompressError
 
     commands = {"all": Command("tables/render", _command(None), "Every table and figure of paper_tables/ (except "
-                               "perf and gpu, which python -m kvcompress.bench renders) from paper_tables/rows.")}
+                               "perf and gpu, which python -m kvcompress.bench renders) from paper_tables/rows.",
+                               constraints=CONSTRAINTS)}
     for table, spec in TABLES.items():
         commands[table] = Command("tables/render", _command(table),
-                                  f"{', '.join(spec.outputs)} from {'rows/' + table + '.jsonl' if spec.rows else 'the latency model'}.")
+                                  f"{', '.join(spec.outputs)} from {'rows/' + table + '.jsonl' if spec.rows else 'the latency model'}.",
+                                  constraints=CONSTRAINTS)
     try:
         return int(cli_main("python -m kvcompress.tables", commands, sys.argv[1:] if argv is None else argv,
                             default="all") or 0)

@@ -23,7 +23,8 @@ from typing import Any
 
 from ..cli import Command, fail
 from ..cli import main as cli_main
-from ..errors import KVCompressError, unknown_choice
+from ..constraints import AnyOf, Choice, Device, Integer, ListOf, ModelDir, Number, Optional, OutputDir, OutputFile
+from ..errors import KVCompressError
 
 TEMPLATES = ("magic_number", "passkey", "kamradt")
 
@@ -44,9 +45,63 @@ def path_command(cfg: Any) -> int:
     return 0
 
 
+#: what each option accepts (kvcompress.constraints), checked before the testbed is built or loaded
+BUILD = {"out": Optional(OutputDir())}
+CHECK = {
+    "path": Optional(ModelDir()),
+    "lengths": ListOf(Integer(min=1)),
+    "depths": ListOf(Number(0.0, 1.0)),
+    "distractors": Integer(min=0),
+    "template": Choice(TEMPLATES),
+    "seed": Integer(min=0),
+    "threads": Integer(min=1),
+    "out": Optional(OutputFile()),
+}
+
+TRAIN = {
+    "seed": Integer(min=0),
+    "out_dir": OutputDir(),
+    "device": AnyOf((Choice(("auto",)), Device())),
+    "dtype": Choice(("bfloat16", "float16", "float32")),
+    "data.lengths": ListOf(Integer(min=16)),
+    "data.tokens_per_batch": Integer(min=1),
+    "data.mix.*": Number(min=0.0),
+    "data.num_distractors": ListOf(Integer(min=0)),
+    "data.value_digits": ListOf(Integer(min=1, max=12)),
+    "data.answer_loss_weight": Number(min=0.0),
+    "data.text_loss_weight": Number(min=0.0),
+    "optim.steps": Integer(min=1),
+    "optim.lr": Number(min=0.0, open_min=True),
+    "optim.warmup_steps": Integer(min=0),
+    "optim.weight_decay": Number(min=0.0),
+    "optim.betas": ListOf(Number(0.0, 1.0, open_max=True), min_len=2),
+    "optim.grad_clip": Number(min=0.0),
+    "eval.every": Integer(min=1),
+    "eval.lengths": ListOf(Integer(min=1)),
+    "eval.depths": ListOf(Number(0.0, 1.0)),
+}
+
+
+def validate_check(cfg: Any) -> None:
+    """Rules between options, before the model loads: distractors only with ``magic_number``, and every length
+    holding the template's fixed text (counted with the testbed's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from kvcompress.eval.needle import minimum_length
+
+    if cfg.distractors and cfg.template != "magic_number":
+        raise KVCompressError(f"distractors={cfg.distractors} with template {cfg.template!r}, which has one fixed key; "
+                              "valid: distractors=0, or template=magic_number")
+    from .testbed import testbed_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(cfg.path or testbed_path()))
+    need = minimum_length(tokenizer, str(cfg.template), int(cfg.distractors) if cfg.template == "magic_number" else 0)
+    if min(int(x) for x in cfg.lengths) < need:
+        raise KVCompressError(f"lengths={list(cfg.lengths)}: {min(cfg.lengths)} tokens cannot hold the "
+                              f"{cfg.template!r} template's fixed text; valid: lengths >= {need}")
+
+
 def check_command(cfg: Any, argv: list[str]) -> int:
-    if cfg.template not in TEMPLATES:
-        raise unknown_choice("template", cfg.template, TEMPLATES)
     import torch
 
     from .testbed import check_grid, grid_markdown
@@ -83,16 +138,16 @@ def commands(argv: list[str]) -> dict[str, Command]:
     return {
         "build": Command("zoo/build", build_command, """Build the constructed testbed (a 3-layer Llama whose weights
             are set by hand to implement a retrieval circuit: tokenizer, weights and kvcompress_testbed.json) into
-            out=DIR, or into the cache directory (rebuilt) when out is not given."""),
+            out=DIR, or into the cache directory (rebuilt) when out is not given.""", constraints=BUILD),
         "check": Command("zoo/check", lambda cfg: check_command(cfg, argv), """Full-cache needle grid of the testbed
             (length x depth, exact match) through model.generate after AutoModelForCausalLM.from_pretrained; out=FILE
             writes it as Markdown with timing and machine (paper_tables/testbed.md). Exit status 1 unless every
-            prompt is answered."""),
+            prompt is answered.""", constraints=CHECK, validate=validate_check),
         "path": Command("zoo/path", path_command, """Print the testbed directory (building it if needed)."""),
         "train": Command("train/testbed-learned", train_command, """The learned-testbed recipe: train a small Llama
             from scratch on synthetic retrieval data (needs a GPU to be useful); config=NAME picks a config under
             configs/train/ (or config=PATH.yaml), key=value overrides any of its entries (optim.steps=100).""",
-                         choose="train"),
+                         choose="train", constraints=TRAIN),
     }
 
 

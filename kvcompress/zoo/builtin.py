@@ -18,14 +18,25 @@ NOTE = (
 
 
 def _testbed(dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from . import testbed_path
 
     path = testbed_path()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return LoadedModel(model.eval(), tokenizer, "testbed", constructed=True, note=NOTE)
+    return LoadedModel(model.eval(), _tokenizer(), "testbed", constructed=True, note=NOTE)
 
 
-register_builtin("testbed", _testbed)
+def _tokenizer():
+    """The testbed's tokenizer without building (or loading) its weights: the built one when the testbed exists,
+    else the same deterministic tokenizer made in memory."""
+    from transformers import AutoTokenizer
+
+    from .testbed import built_testbed_dir, is_built
+    from .tokenizer import build_tokenizer
+
+    built = built_testbed_dir()
+    return AutoTokenizer.from_pretrained(str(built)) if is_built(built) else build_tokenizer()
+
+
+register_builtin("testbed", _testbed, _tokenizer)

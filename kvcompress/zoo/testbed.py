@@ -322,14 +322,24 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kvcompress"
 
 
+def built_testbed_dir() -> Path:
+    """Where the testbed is (or will be) built: ``cache_root() / f"testbed-{VERSION}"``."""
+    return cache_root() / f"testbed-{VERSION}"
+
+
+def is_built(path: Path) -> bool:
+    """Whether ``path`` holds a complete build (its metadata file is written last)."""
+    return (path / METADATA_FILE).is_file()
+
+
 def testbed_path(rebuild: bool = False) -> Path:
     """Directory of the built testbed (``config.json``, weights, tokenizer, ``kvcompress_testbed.json``).
 
     Built on first use into ``cache_root() / f"testbed-{VERSION}"`` (atomic: built in a temporary sibling and
     renamed, so concurrent first uses are safe).
     """
-    target = cache_root() / f"testbed-{VERSION}"
-    if (target / METADATA_FILE).is_file() and not rebuild:
+    target = built_testbed_dir()
+    if is_built(target) and not rebuild:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not (target / METADATA_FILE).is_file():  # an incomplete directory from elsewhere

@@ -144,7 +144,7 @@ def _lr(step: int, cfg: dict[str, Any]) -> float:
 
 @torch.no_grad()
 def evaluate(model, tok, cfg: dict[str, Any], device: str) -> float:
-    from kvcompress.eval.needle import make_needle_samples, score_exact_match
+    from kvcompress.eval.needle import make_needle_samples, score_prefix_match
 
     model.eval()
     samples = make_needle_samples(tok, cfg["eval"]["lengths"], cfg["eval"]["depths"], seed=cfg["seed"] + 1)
@@ -152,7 +152,7 @@ def evaluate(model, tok, cfg: dict[str, Any], device: str) -> float:
     for s in samples:
         enc = tok(s.prompt, return_tensors="pt").to(device)
         out = model.generate(**enc, max_new_tokens=s.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        hits += score_exact_match(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True), s.answer)
+        hits += score_prefix_match(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True), s.answer)
     model.train()
     return hits / max(1, len(samples))
 

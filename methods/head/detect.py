@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kvcompress.artifacts import config_hash
+from kvcompress.artifacts import config_hash, weights_fingerprint
 from kvcompress.artifacts import text_config as _text_config
 from kvcompress.compat import cache_arg
 from kvcompress.methods.head.scores import FORMAT, FORMAT_VERSION
@@ -73,8 +73,9 @@ def detect(
     progress: bool = True,
 ) -> dict:
     """Score every (layer, query head) and KV head with needle probes; returns the artifact dict (see the package
-    docstring for the scores). ``lengths`` × ``depths`` × ``samples`` probes of the needle generator."""
-    from kvcompress.eval.needle import make_needle_samples, score_exact_match
+    docstring for the scores), identified by the model's config hash and weights fingerprint. ``lengths`` ×
+    ``depths`` × ``samples`` probes of the needle generator."""
+    from kvcompress.eval.needle import make_needle_samples, score_prefix_match
 
     text = _text_config(model)
     n_layers, n_heads = text.num_hidden_layers, text.num_attention_heads
@@ -105,7 +106,7 @@ def detect(
         gen, top, msum = _probe(model, ids, steps, s.needle_token_span)
         a, b = s.needle_token_span
         pred = tokenizer.decode(gen, skip_special_tokens=True)
-        ok = score_exact_match(pred, s.answer) > 0
+        ok = score_prefix_match(pred, s.answer) > 0  # the probe decodes the answer + 1 tokens only
         # the answer's decode steps: the first n_answer steps (copy events and mass)
         mass += msum[:n_answer].double().mean(0)
         if ok:
@@ -133,6 +134,7 @@ def detect(
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "config_hash": config_hash(model),
+        "weights": weights_fingerprint(model),
         "model": model_name or getattr(text, "_name_or_path", "") or text.model_type,
         "num_layers": n_layers,
         "num_heads": n_heads,

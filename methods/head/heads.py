@@ -12,13 +12,15 @@ RazorAttention (Tang et al. 2024, arXiv 2407.15891).
   so left padding and other rows never matter). Tokens decoded afterwards are appended to every head.
 * Storage is real: a layer whose heads keep different counts is stored in the cache's packed ragged layout (no
   padding between full and window heads), and attention over it is exact, in a fixed number of ops.
-* ``scores="auto"`` (default): the head-score artifact of this model, found by its config hash in
-  ``$KVCOMPRESS_CACHE/heads`` (``python -m kvcompress.methods.head detect model=...``; ``kvcompress.methods.head.scores.ensure_scores``
-  computes it on first use from the run CLI). If there is none, a warning says so and heads are scored **per
+* ``scores="auto"`` (default): the head-score artifact of this model, found by its config hash and weights
+  fingerprint in ``$KVCOMPRESS_CACHE/heads`` (``python -m kvcompress.methods.head detect model=...``; the methods'
+  ``prepare`` step, :func:`kvcompress.methods.head.scores.ensure_scores`, computes it on first use when a tokenizer is
+  given, and re-detects a cached one that does not fit the model, saying why). If there is none (no tokenizer, or a
+  cache built without ``kvcompress.compress``, so the model is unknown), a warning says so and heads are scored **per
   prompt**: for each row, the attention mass that the last ``query_window=16`` prompt queries put outside the
   sink + recent window (what windowing the head would lose); then ``ceil(ratio · kv_heads)`` heads per layer are
   kept in full, per row. ``scores="prompt"`` forces that; ``scores=PATH`` uses an artifact file, which must have
-  been made for this model (config hash) — otherwise a one-line error.
+  been made for this model (config hash, weights fingerprint, sizes) and be valid — otherwise a one-line error.
 * With an artifact the head choice is the same for every row (it depends only on the artifact).
 * ``heads_random``: ``k`` heads drawn by a counter hash of ``(seed, layer, head)`` (default ``seed=0``); no
   artifact needed.
@@ -102,39 +104,52 @@ def _top_heads(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def prepare_scores(spec: str, model: torch.nn.Module, tokenizer: Any) -> str | None:
     """The ``prepare`` step of the head-score methods: with ``scores="auto"`` and a tokenizer, make sure the model's
-    retrieval-head artifact exists (detected with needle probes on first use, with a message). Without a tokenizer
-    nothing is done: the methods score heads per prompt and say so when they run."""
+    retrieval-head scores exist (detected with needle probes on first use or when the cached artifact does not fit,
+    with a message). Without a tokenizer nothing is done: the methods score heads per prompt and say so when they
+    run."""
     if spec != "auto" or tokenizer is None:
         return None
     from kvcompress.methods.head.scores import ensure_scores
 
     path = ensure_scores(model, tokenizer)
-    return f"retrieval-head scores: {path}" if path else None
+    if path is None:
+        return None
+    return f"retrieval-head scores: {path}" + ("" if path.is_file() else " (in memory: the cache is not writable)")
 
 
 def resolve_scores(comp: Compressor, ctx: CompressionContext) -> dict | None:
-    """The artifact a head method uses (None = per-prompt scoring), resolved once per cache."""
+    """The scores a head method uses (None = per-prompt scoring), resolved once per cache: with ``scores="auto"`` those
+    of the model owning ``ctx.module`` (:func:`kvcompress.artifacts.model_of`; its config and weights), with a warning
+    and per-prompt scoring when there are none; ``scores=PATH`` validated against that model (or, when it is unknown,
+    the module's config)."""
     if "artifact" in ctx.shared:
         return ctx.shared["artifact"]
+    from kvcompress.artifacts import ArtifactError, model_of
     from kvcompress.methods.head.scores import artifact_path, find_scores, load_scores
 
     spec = comp.scores
-    config = ctx.module.config
-    if spec == "prompt":
-        data = None
+    model = model_of(ctx.module)
+    fallback = "scoring heads per prompt instead"
+    data = None
+    if spec == "auto" and model is None:
+        warnings.warn(f"{comp.name}: the model of this cache is unknown (built without kvcompress.compress), so its "
+                      f"head scores cannot be found by its weights; {fallback} (create the cache with "
+                      "kvcompress.compress(model, ...))", stacklevel=3)
     elif spec == "auto":
-        data = find_scores(config)
-        if data is None:
-            warnings.warn(
-                f"{comp.name}: no head scores for this model (expected {artifact_path(config)}); scoring heads per "
-                "prompt instead (run `python -m kvcompress.methods.head detect model=...` to detect retrieval heads)",
-                stacklevel=3,
-            )
-    else:
-        data = load_scores(spec, config)
-    if data is not None and (data["num_layers"] != ctx.num_layers or data["num_kv_heads"] != ctx.num_kv_heads):
-        raise KVCompressError(f"head scores {spec!r} have {data['num_layers']}x{data['num_kv_heads']} KV heads; this "
-                              f"model has {ctx.num_layers}x{ctx.num_kv_heads}")
+        try:
+            data = find_scores(model)
+        except ArtifactError as err:
+            warnings.warn(f"{comp.name}: {err}; {fallback} (run `python -m kvcompress.methods.head detect "
+                          "model=...`, or pass a tokenizer to kvcompress.compress to re-detect)", stacklevel=3)
+        else:
+            if data is None:
+                warnings.warn(
+                    f"{comp.name}: no head scores for this model (expected {artifact_path(model)}); {fallback} (run "
+                    "`python -m kvcompress.methods.head detect model=...` to detect retrieval heads)",
+                    stacklevel=3,
+                )
+    elif spec != "prompt":
+        data = load_scores(spec, model if model is not None else ctx.module.config)
     ctx.shared["artifact"] = data
     return data
 

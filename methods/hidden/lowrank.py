@@ -7,8 +7,9 @@ post-hoc projection, not Palu's weight decomposition.
 
 * Bases: for every layer and KV head, the top-``r`` eigenvectors of the uncentered second moment of the model's own
   keys (values) on calibration text — see :mod:`kvcompress.methods.hidden.calibration` (built-in corpus by default, ``calibration=`` a
-  string or a ``.txt`` path for user text; a safetensors artifact keyed by the model's config hash). The bases are
-  model-side data: their bytes go to ``cache.shared["lowrank"]["basis_bytes"]``, not to the cache bytes.
+  string or a ``.txt`` path for user text; a safetensors artifact keyed by the model's config hash and weights
+  fingerprint, validated on load). The bases are model-side data: their bytes go to
+  ``cache.shared["lowrank"]["basis_bytes"]``, not to the cache bytes.
 * RoPE: keys are projected **post-RoPE** (the keys the cache holds), so attention needs nothing re-applied; the
   price is that the basis must also cover the rotation of the position-encoding pairs (pre-RoPE projection would
   need the keys' positions and a re-rotation at attention time; see ``scripts/rope_check.py`` for both
