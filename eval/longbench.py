@@ -16,18 +16,39 @@ Pipeline per sample (:class:`LongBenchTask` on :mod:`kvcompress.eval.loop`):
    Xnhyacinth/LongBench`` is the parquet re-host lm-eval uses; its ``question`` field is mapped to ``input``.)
    LongBench-E tasks are named ``<task>_e`` (files ``<task>_e.jsonl``); ``tasks: e`` selects all 13.
 2. **Prompt**: ``PROMPTS[task].format(context=..., input=...)``.
-3. **Middle truncation**: when the prompt has more than ``max_len`` tokens (default **3500**, the official value for
-   4K chat models; special tokens and the chat template's own tokens are not counted), the first and the last
-   ``max_len // 2`` tokens are kept. It is done on token ids; the official script decodes both halves and
+3. **Middle truncation**: when the prompt, counted as ``pred.py`` counts it — the tokenizer's encoding of the
+   prompt text **with its special tokens** (the BOS token counts; the chat template's tokens do not, the official
+   script applies the template after truncating) — has more than ``max_len`` tokens, the first and the last
+   ``max_len // 2`` of those tokens are kept (so the head keeps ``max_len // 2 − 1`` prompt tokens after a BOS).
+   ``max_len`` defaults to the model's position limit (``max_position_embeddings``) minus the task's generation
+   length (minus the chat template's own tokens where the template is applied), so prompt + answer always fit; the
+   official ``model2maxlen.json`` sets it per model (3500 for 4K chat models, 31500 for 32K ones); set ``max_len``
+   to reproduce a published number. Truncation is done on token ids; the official script decodes both halves and
    re-tokenizes the text, which can differ by a token at the seam.
 4. **Chat template** (``chat_template``: ``auto`` | ``true`` | ``false``): ``auto`` applies the tokenizer's template
    (one user turn, generation prompt added) unless the task is in :data:`NO_CHAT_TEMPLATE` (trec, triviaqa,
    samsum, lsht, lcc, repobench-p, as in ``pred.py``) or the tokenizer has none; ``true`` requires one;
    ``false`` never applies it. Without a template the tokenizer's own special tokens (BOS) are added.
 5. **Greedy generation** of ``MAX_NEW_TOKENS[task]`` tokens (``max_new_tokens`` in the config overrides all
-   tasks, for quick checks); samsum also stops at a newline token and generates at least one token.
-6. **Scoring**: the first line only for :data:`~kvcompress.eval.longbench_metrics.FIRST_LINE_TASKS`, max over the
-   gold answers, task score = mean × 100; ``average`` is the unweighted mean over tasks.
+   tasks, for quick checks). Generation stops at the model's own stop ids (``generation_config.eos_token_id``, one
+   id or a list: an instruct model's end-of-turn ids stay in force) plus the tokenizer's EOS; samsum also stops at
+   the newline token and generates at least one token (``pred.py`` passes ``eos_token_id=[eos, newline]`` and
+   ``min_length``; its list *replaces* the model's own, which ends an instruct model's answers only at the
+   tokenizer's EOS — kvcompress adds to them instead).
+6. **Scoring** (:mod:`kvcompress.eval.longbench_metrics`, ``official`` protocol): the first line only for
+   :data:`~kvcompress.eval.longbench_metrics.FIRST_LINE_TASKS`, max over the gold answers, task score =
+   ``round(100 × mean, 2)`` as ``eval.py``. Two averages, named: ``average_by_task`` (unweighted mean over the
+   tasks run) and ``average_by_category`` (LongBench's README: the mean of the per-category means,
+   ``category.<name>``: single-doc QA, multi-doc QA, summarization, few-shot, synthetic, code — over the tasks run;
+   the README reports English and Chinese tasks separately, so run ``tasks: en`` for its English average).
+
+``protocol: lm-eval`` reproduces lm-eval's port (``lm_eval/tasks/longbench``) instead: its prompts (triviaqa and
+samsum put one newline before ``{input}``, passage_count / passage_retrieval_en end without the trailing space,
+lcc / repobench-p without the trailing newline), generation stopped at the first newline for trec, triviaqa,
+samsum and lsht (``until: ["\\n"]``; no minimum length), no chat template unless ``chat_template: true``, the
+HF harness's **left** truncation (the last ``max_len`` tokens, special tokens included), its scoring (stripped
+predictions, the text before the first newline for those four tasks, ``code_sim`` skipping blank lines) and
+task scores ``100 × mean`` without rounding.
 
 ``query_aware`` (default true): the whole prompt, question included, is prefilled and compressed at once (as the
 SnapKV/PyramidKV papers evaluate). With ``false``, the part of the prompt up to the end of ``{context}`` is
@@ -166,8 +187,46 @@ ENGLISH_TASKS: tuple[str, ...] = tuple(
 )
 #: Tasks prompted without the chat template (few-shot and code completion, ``pred.py``).
 NO_CHAT_TEMPLATE: tuple[str, ...] = ("trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p")
+#: ``max_len`` when neither the config nor the model (no ``max_position_embeddings``) gives one: the official value
+#: for 4K chat models.
 DEFAULT_MAX_LEN = 3500
 DEFAULT_HUB_ID = "THUDM/LongBench"
+#: LongBench's six task categories (the README's leaderboard columns), per task; LongBench-E tasks take their base
+#: task's. The English average is over the 16 English + code tasks, the Chinese one over the 5 zh tasks + code.
+CATEGORY: dict[str, str] = {
+    "narrativeqa": "single_doc_qa", "qasper": "single_doc_qa", "multifieldqa_en": "single_doc_qa",
+    "multifieldqa_zh": "single_doc_qa", "hotpotqa": "multi_doc_qa", "2wikimqa": "multi_doc_qa",
+    "musique": "multi_doc_qa", "dureader": "multi_doc_qa", "gov_report": "summarization", "qmsum": "summarization",
+    "multi_news": "summarization", "vcsum": "summarization", "trec": "few_shot", "triviaqa": "few_shot",
+    "samsum": "few_shot", "lsht": "few_shot", "passage_count": "synthetic", "passage_retrieval_en": "synthetic",
+    "passage_retrieval_zh": "synthetic", "lcc": "code", "repobench-p": "code",
+}  # fmt: skip
+CATEGORIES: tuple[str, ...] = ("single_doc_qa", "multi_doc_qa", "summarization", "few_shot", "synthetic", "code")
+#: Scoring / generation protocols: the official THUDM code, or lm-eval's port (module docstring).
+PROTOCOLS: tuple[str, ...] = M.PROTOCOLS
+#: Tasks lm-eval's port ends at the first newline (``until: ["\\n"]``).
+LM_EVAL_NEWLINE_TASKS: tuple[str, ...] = ("trec", "triviaqa", "samsum", "lsht")
+
+
+def lm_eval_prompt(task: str) -> str:
+    """lm-eval's ``doc_to_text`` of a task (``{input}`` for its ``{{question}}``): the official prompt with the port's
+    differences (``tests/test_longbench.py`` checks every task against the installed lm-eval's YAML)."""
+    prompt = PROMPTS[base_task(task)]
+    name = base_task(task)
+    if name in ("triviaqa", "samsum"):
+        return prompt.replace("{context}\n\n{input}", "{context}\n{input}")
+    if name in ("passage_count", "passage_retrieval_en"):
+        return prompt.rstrip(" ")
+    if name in ("lcc", "repobench-p"):
+        return prompt.removesuffix("\n")
+    return prompt
+
+
+def check_protocol(protocol: Any) -> str:
+    value = str(protocol if protocol is not None else "official")
+    if value not in PROTOCOLS:
+        raise unknown_choice("LongBench protocol", value, PROTOCOLS)
+    return value
 
 
 # -- data -------------------------------------------------------------------------------------------------------
@@ -281,7 +340,32 @@ class Prompt:
     input_ids: list[int]
     boundary: int | None  # tokens [0, boundary) are the context part (question-agnostic prefill); None: unknown
     truncated: bool
-    num_tokens_before: int  # prompt tokens before truncation (without special / template tokens)
+    num_tokens_before: int  # prompt tokens as truncation counts them: the prompt text with the tokenizer's special
+                            # tokens (BOS), without the chat template's
+
+
+def special_token_counts(tokenizer) -> tuple[int, int]:
+    """How many special tokens the tokenizer adds before and after a text (``add_special_tokens=True``)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return i, len(full) - len(plain) - i
+    return 0, max(0, len(full) - len(plain))
+
+
+def chat_overhead(task: str, tokenizer, chat_template: Any = "auto", protocol: str = "official") -> int:
+    """Tokens the chat template adds around a prompt of ``task`` (0 where it is not applied)."""
+    if not _uses_chat(task, tokenizer, chat_template, protocol):
+        return 0
+    head, tail = _chat_wrap(tokenizer)
+    return len(tokenizer(head + tail, add_special_tokens=False)["input_ids"])
+
+
+def _uses_chat(task: str, tokenizer, chat_template: Any, protocol: str) -> bool:
+    if protocol == "lm-eval" and str(chat_template).lower() == "auto":
+        return False  # lm-eval applies a chat template only when asked (--apply_chat_template)
+    return use_chat_template(task, tokenizer, chat_template)
 
 
 _SENTINEL = "\u2063KVCOMPRESS_PROMPT\u2063"
@@ -316,14 +400,19 @@ def use_chat_template(task: str, tokenizer, mode: Any = "auto") -> bool:
     return has and task not in NO_CHAT_TEMPLATE
 
 
-def build_prompt(task: str, row: dict[str, Any], tokenizer, max_len: int = DEFAULT_MAX_LEN, chat_template: Any = "auto") -> Prompt:
-    """Token ids of one sample's prompt after middle truncation and the chat template, with the context boundary."""
-    template = PROMPTS[base_task(task)]
+def build_prompt(task: str, row: dict[str, Any], tokenizer, max_len: int = DEFAULT_MAX_LEN, chat_template: Any = "auto",
+                 protocol: str = "official") -> Prompt:
+    """Token ids of one sample's prompt after truncation and the chat template, with the context boundary.
+
+    ``protocol="official"``: middle truncation counting the tokenizer's special tokens (``pred.py``);
+    ``"lm-eval"``: lm-eval's prompt, no chat template under ``auto``, left truncation of the whole sequence."""
+    protocol = check_protocol(protocol)
+    template = PROMPTS[base_task(task)] if protocol == "official" else lm_eval_prompt(task)
     text = template.format(context=row["context"], input=row.get("input") or "")
     # Character where the part after {context} starts (the question-agnostic split).
     prefix = template.split("{context}")[0].format(input=row.get("input") or "")
     split_char = len(prefix) + len(row["context"])
-    head, tail = _chat_wrap(tokenizer) if use_chat_template(task, tokenizer, chat_template) else ("", "")
+    head, tail = _chat_wrap(tokenizer) if _uses_chat(task, tokenizer, chat_template, protocol) else ("", "")
     full = head + text + tail
     if not getattr(tokenizer, "is_fast", False):
         raise KVCompressError("LongBench prompts need a fast tokenizer (offset mapping); valid: a PreTrainedTokenizerFast")
@@ -345,27 +434,47 @@ def build_prompt(task: str, row: dict[str, Any], tokenizer, max_len: int = DEFAU
         else:
             body.append(tok)
             body_start.append(a - lo)
-    n_before = len(body)
-    boundary_body = next((i for i, a in enumerate(body_start) if a >= split_char), len(body))
-    truncated = n_before > max_len
+    n_body = len(body)
+    boundary_body: int | None = next((i for i, a in enumerate(body_start) if a >= split_char), len(body))
+    sp_lead, sp_trail = special_token_counts(tokenizer)
+    counted = sp_lead + n_body + sp_trail  # what pred.py counts: tokenizer(prompt) with special tokens
+    if protocol == "lm-eval":
+        ids = lead + body + trail
+        truncated = len(ids) > max_len
+        boundary = None if boundary_body is None else len(lead) + boundary_body
+        if truncated:  # the HF harness keeps the last max_len tokens (left truncation)
+            cut = len(ids) - max_len
+            ids = ids[cut:]
+            boundary = boundary - cut if boundary is not None and boundary - cut > 0 else None
+        return Prompt(ids, boundary, truncated, counted)
+    truncated = counted > max_len
     if truncated:
         half = max_len // 2
-        if boundary_body < n_before - half:  # the suffix is longer than the kept tail: no clean split
-            boundary_body_new = None
+        keep_head = max(0, half - sp_lead)  # the first half holds the BOS, the last half a trailing EOS (if any)
+        keep_tail = max(0, half - sp_trail)
+        if boundary_body < n_body - keep_tail:  # the suffix is longer than the kept tail: no clean split
+            boundary_body = None
         else:
-            boundary_body_new = half + (boundary_body - (n_before - half))
-        body = body[:half] + body[-half:]
-        boundary_body = boundary_body_new
+            boundary_body = keep_head + (boundary_body - (n_body - keep_tail))
+        body = body[:keep_head] + (body[n_body - keep_tail :] if keep_tail else [])
     boundary = None if boundary_body is None else len(lead) + boundary_body
-    return Prompt(lead + body + trail, boundary, truncated, n_before)
+    return Prompt(lead + body + trail, boundary, truncated, counted)
 
 
-def stop_token_ids(task: str, tokenizer) -> list[int]:
-    eos = tokenizer.eos_token_id
-    out = [eos] if isinstance(eos, int) else list(eos or [])
-    if base_task(task) == "samsum":  # official: stop at the newline token too
+def stop_token_ids(task: str, tokenizer, model: Any = None, protocol: str = "official") -> list[int]:
+    """Stop ids of a task's generation: the model's own (``generation_config.eos_token_id``, an id or a list), then
+    the tokenizer's EOS, then the newline token where the protocol stops at a newline (official: samsum; lm-eval:
+    trec, triviaqa, samsum, lsht). Added to the model's own, never replacing them."""
+    out: list[int] = []
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for ids in (own, tokenizer.eos_token_id):
+        for t in [ids] if isinstance(ids, int) else list(ids or []):
+            if int(t) not in out:
+                out.append(int(t))
+    newline_tasks = ("samsum",) if protocol == "official" else LM_EVAL_NEWLINE_TASKS
+    if base_task(task) in newline_tasks:
         nl = tokenizer.encode("\n", add_special_tokens=False)
-        if nl:
+        if nl and nl[-1] not in out:
             out.append(nl[-1])
     return out
 
@@ -378,17 +487,19 @@ def length_bucket(length: Any) -> str:
 
 # -- entry point ------------------------------------------------------------------------------------------------
 class LongBenchTask(Task):
-    """``eval=longbench`` on the evaluation loop: LongBench task scores (× 100) and their average.
+    """``eval=longbench`` on the evaluation loop: LongBench task scores (× 100) and both averages.
 
     ``cfg`` keys: ``tasks`` (list; ``all``, ``en`` or ``e`` for LongBench-E), ``data_dir`` (required offline),
-    ``hub_id``, ``max_len`` (3500), ``samples`` (per task; null = all), ``chat_template`` (auto), ``query_aware``
-    (true), ``max_new_tokens`` (null = official per task). Data and prompts are built (and a prompt over the model's
-    position limit rejected) before any generation. Sample metadata: ``task``, ``bucket`` (length bucket),
-    ``truncated``.
+    ``hub_id``, ``max_len`` (null: the model's position limit minus the task's generation length and the chat
+    template's tokens; :data:`DEFAULT_MAX_LEN` for a model without a limit), ``samples`` (per task; null = all),
+    ``chat_template`` (auto), ``query_aware`` (true), ``max_new_tokens`` (null = official per task), ``protocol``
+    (``official`` | ``lm-eval``). Data and prompts are built (and a prompt over the model's position limit rejected)
+    before any generation. Sample metadata: ``task``, ``category``, ``bucket`` (length bucket), ``truncated``.
 
-    Accuracy block: ``<task>`` scores, ``average``, ``samples``, ``truncated`` and, question-agnostic,
-    ``query_aware_fallbacks``; LongBench-E tasks add ``<task>@0-4k`` / ``@4-8k`` / ``@8k+`` (buckets with no rows
-    are left out).
+    Accuracy block: ``<task>`` scores, ``category.<name>`` (mean of its tasks), ``average_by_task``,
+    ``average_by_category``, ``protocol``, ``max_len`` (the value used; ``{task: value}`` when it differs per task),
+    ``samples``, ``truncated`` and, question-agnostic, ``query_aware_fallbacks``; LongBench-E tasks add
+    ``<task>@0-4k`` / ``@4-8k`` / ``@8k+`` (buckets with no rows are left out).
     """
 
     name = "longbench"
@@ -397,17 +508,33 @@ class LongBenchTask(Task):
         if tokenizer is None:
             raise KVCompressError("the LongBench evaluation needs the model's tokenizer (this model has none)")
         validate(cfg)
-        self.tokenizer = tokenizer
+        self.tokenizer, self.model = tokenizer, model
         self.tasks = check_tasks(option(cfg, "tasks", "en"))
         self.data_dir = option(cfg, "data_dir", None)
         self.hub_id = str(option(cfg, "hub_id", DEFAULT_HUB_ID))
-        self.max_len = int(option(cfg, "max_len", DEFAULT_MAX_LEN))
+        self.max_len_cfg = option(cfg, "max_len", None)
         self.limit = option(cfg, "samples", None)
         self.chat = option(cfg, "chat_template", "auto")
         self.query_aware = bool(option(cfg, "query_aware", True))
         self.fixed_new = option(cfg, "max_new_tokens", None)
+        self.protocol = check_protocol(option(cfg, "protocol", "official"))
         config = getattr(model, "config", None)
         self.pos_limit = getattr(config.get_text_config(), "max_position_embeddings", None) if config else None
+        self.max_lens: dict[str, int] = {}
+
+    def task_max_len(self, task: str, new_tokens: int) -> int:
+        """``max_len`` of a task: the config's, else the position limit minus generation and chat-template tokens."""
+        if self.max_len_cfg is not None:
+            return int(self.max_len_cfg)
+        if self.pos_limit is None:
+            return DEFAULT_MAX_LEN
+        value = int(self.pos_limit) - new_tokens - chat_overhead(task, self.tokenizer, self.chat, self.protocol)
+        if value < 2:
+            raise KVCompressError(
+                f"LongBench {task}: the model's limit of {self.pos_limit} positions leaves max_len={value} after "
+                f"{new_tokens} new tokens; valid: fewer max_new_tokens"
+            )
+        return value
 
     def samples(self) -> list[Sample]:
         data = {t: load_task(t, self.data_dir, self.hub_id) for t in self.tasks}  # missing data fails first
@@ -415,8 +542,10 @@ class LongBenchTask(Task):
         for task in self.tasks:
             base = base_task(task)
             new_tokens = int(self.fixed_new) if self.fixed_new else MAX_NEW_TOKENS[base]
+            max_len = self.max_lens[task] = self.task_max_len(task, new_tokens)
+            stop = stop_token_ids(task, self.tokenizer, self.model, self.protocol)
             for row in data[task][: int(self.limit)] if self.limit else data[task]:
-                p = build_prompt(task, row, self.tokenizer, self.max_len, self.chat)
+                p = build_prompt(task, row, self.tokenizer, max_len, self.chat, self.protocol)
                 if self.pos_limit is not None and len(p.input_ids) + new_tokens > self.pos_limit:
                     raise KVCompressError(
                         f"LongBench {task} prompt of {len(p.input_ids)} tokens (+{new_tokens} new) exceeds the "
@@ -424,9 +553,10 @@ class LongBenchTask(Task):
                     )
                 out.append(Sample(
                     input_ids=p.input_ids, question_start=p.boundary, new_tokens=new_tokens,
-                    reference=(list(row["answers"]), row.get("all_classes")), stop=stop_token_ids(task, self.tokenizer),
-                    min_new_tokens=1 if base == "samsum" else None,
-                    meta={"task": task, "bucket": length_bucket(row.get("length")), "truncated": p.truncated},
+                    reference=(list(row["answers"]), row.get("all_classes")), stop=stop or None,
+                    min_new_tokens=1 if base == "samsum" and self.protocol == "official" else None,
+                    meta={"task": task, "category": CATEGORY[base], "bucket": length_bucket(row.get("length")),
+                          "truncated": p.truncated},
                 ))
         return out
 
@@ -434,20 +564,35 @@ class LongBenchTask(Task):
         base = base_task(sample.meta["task"])
         answers, classes = sample.reference
         return {"score": M.score_sample(METRIC[base], outcome.text, answers, classes,
-                                        first_line_only=base in M.FIRST_LINE_TASKS)}
+                                        first_line_only=base in M.FIRST_LINE_TASKS, protocol=self.protocol)}
+
+    def _aggregate(self, scores: list[float]) -> float:
+        """A task's (or bucket's) score: official ``round(100 × mean, 2)``; lm-eval ``100 × mean``."""
+        value = 100.0 * sum(scores) / max(1, len(scores))
+        return round(value, 2) if self.protocol == "official" else value
 
     def summarise(self, samples: list[Sample], records: list[dict]) -> dict:
         done = [(r["meta"]["task"], r["score"], r["meta"]["bucket"], r["meta"]["truncated"], r.get("fell_back", False))
                 for r in records]
-        result: dict[str, Any] = {"task": "longbench", "max_len": self.max_len, "query_aware": self.query_aware}
-        scores = {t: _percent([s for task, s, *_ in done if task == t]) for t in self.tasks}
+        lens = sorted(set(self.max_lens.values()))
+        result: dict[str, Any] = {
+            "task": "longbench", "protocol": self.protocol, "query_aware": self.query_aware,
+            "max_len": lens[0] if len(lens) == 1 else dict(self.max_lens),
+        }
+        scores = {t: self._aggregate([s for task, s, *_ in done if task == t]) for t in self.tasks}
         result.update(scores)
-        result["average"] = sum(scores.values()) / max(1, len(scores))
+        by_category: dict[str, list[float]] = {}
+        for t in self.tasks:
+            by_category.setdefault(CATEGORY[base_task(t)], []).append(scores[t])
+        categories = {c: sum(v) / len(v) for c, v in sorted(by_category.items(), key=lambda kv: CATEGORIES.index(kv[0]))}
+        result.update({f"category.{c}": v for c, v in categories.items()})
+        result["average_by_task"] = sum(scores.values()) / max(1, len(scores))
+        result["average_by_category"] = sum(categories.values()) / max(1, len(categories))
         for t in (t for t in self.tasks if t in E_TASKS):
             for bucket in ("0-4k", "4-8k", "8k+"):
                 cell = [s for task, s, b, *_ in done if task == t and b == bucket]
                 if cell:
-                    result[f"{t}@{bucket}"] = _percent(cell)
+                    result[f"{t}@{bucket}"] = self._aggregate(cell)
         result["samples"] = len(done)
         result["truncated"] = sum(1 for *_, trunc, _ in done if trunc)
         if not self.query_aware:
@@ -464,7 +609,3 @@ def run(model, make_cache, cfg, seed: int = 0, tokenizer=None) -> dict:
     """The accuracy block of :class:`LongBenchTask` on ``model``; under ``accelerate launch`` samples are split
     across processes and gathered in order, so the scores equal a single-process run's."""
     return evaluate(model, LongBenchTask(cfg, tokenizer, model), make_cache, tokenizer=tokenizer).accuracy
-
-
-def _percent(scores: list[float]) -> float:
-    return 100.0 * sum(scores) / max(1, len(scores))

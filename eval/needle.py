@@ -19,19 +19,26 @@ grouping) with each other, so a copying model cannot confuse them.
 
 Everything is a pure function of (tokenizer, arguments, seed).
 
-Scoring: :func:`score_exact_match` compares normalised **strings** (whitespace collapsed, stripped, case-folded):
-the prediction must start with the answer and the answer must not run on into more letters/digits
-(``"4827193."`` and ``"4827193 is it"`` match ``"4827193"``; ``"48271935"`` does not).
-:func:`score_rouge1_recall` is ROUGE-1 recall (our own few lines, no ``rouge`` package): both strings are
-case-folded, every character that is not a letter or digit becomes a space, the rest is split on whitespace; the
-score is the clipped unigram overlap (multiset intersection) divided by the number of reference unigrams. Retrieval
-Head papers report it (×100) for the Kamradt needle, where a paraphrased answer still earns partial credit.
+Scoring, as common harnesses do it (the row states the rule, :data:`SCORING`):
 
-:class:`NeedleTask` is the evaluation on :mod:`kvcompress.eval.loop` (``eval=needle``): it generates exactly
-``new_tokens`` tokens per sample — the answer's tokens + 1, enough to see that the answer does not run on (the old
-per-script loops disagreed: answer + 1 here, answer + 2 in the testbed check and two benchmarks). It reports both
-metrics overall, per length and per depth, the length × depth ``grid`` (exact match; and ``grid_rouge1_recall``) in
-the results row, and with ``heatmap: PATH`` writes the classic heatmap PNG (:func:`write_heatmap`).
+* :func:`score_exact_match` — 1 if the normalised answer **occurs in** the normalised prediction (whitespace
+  collapsed, stripped, case-folded), as RULER's ``string_match`` and passkey harnesses check the value:
+  ``": 4827193"``, ``"**4827193**"`` and ``"The special magic number for apple is 4827193."`` all match
+  ``"4827193"``. (:func:`score_prefix_match` is the stricter rule "starts with the answer, which does not run on",
+  used by head detection's probes.)
+* :func:`score_rouge1_recall` — ROUGE-1 recall as the Retrieval-Head reference computes it (``rouge_score``'s
+  ``RougeScorer(["rouge1"], use_stemmer=True)``, ``score(needle, response).recall``), written here: both strings
+  lower-cased, every character outside ``[a-z0-9]`` a space, split; with ``stemmer=True`` (the reference's option,
+  the default) every token longer than 3 characters is reduced by the Porter stemmer (NLTK's, as ``rouge_score``);
+  the clipped unigram overlap divided by the reference's unigrams. Retrieval-Head papers report it (×100) for the
+  Kamradt needle, where a paraphrased answer still earns partial credit.
+
+:class:`NeedleTask` is the evaluation on :mod:`kvcompress.eval.loop` (``eval=needle``): it generates
+``new_tokens`` tokens per sample — enough for the template's whole answer sentence restated (the question's lead-in,
+the value and a period, e.g. "The special magic number for apple is 4827193.") plus 2 (:data:`ANSWER_SLACK`), so an
+answer that restates the lead-in or wraps the value in markup is still read whole. It reports both metrics overall,
+per length and per depth, the length × depth ``grid`` (exact match; and ``grid_rouge1_recall``) in the results row,
+and with ``heatmap: PATH`` writes the classic heatmap PNG (:func:`write_heatmap`).
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import haystack as _haystack
+from kvcompress.constraints import (AnyOf, Boolean, Choice, ExistingPath, Integer, ListOf, Number, Optional,
+                                    OutputFile, check)
+from kvcompress.errors import KVCompressError
+
 from .loop import Outcome, Sample, Task, evaluate, option
 
 #: Needle keys: concrete nouns absent from the Python docs (a key is also skipped if it appears in the haystack).
@@ -109,7 +120,7 @@ class NeedleSample:
     distractor_values: list[str] = field(default_factory=list)
     distractor_char_spans: list[tuple[int, int]] = field(default_factory=list)
     actual_depth: float = 0.0  # needle start token / prompt tokens
-    new_tokens: int = 15  # tokens every needle evaluation generates: the answer's + 1 (to see it does not run on)
+    new_tokens: int = 15  # tokens the needle evaluation generates: the template's answer sentence + ANSWER_SLACK
     max_new_tokens: int = 16  # answer tokens + 2: head detection's probe length (one decode step fewer); not generated
     seed: int = 0
     index: int = 0  # sample index within its (length, depth) cell
@@ -124,7 +135,23 @@ def _normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().casefold()
 
 
+#: Tokens generated beyond the template's answer sentence (room for markup such as ``**`` or a leading colon).
+ANSWER_SLACK = 2
+
+#: How the accuracy block's metrics are computed (recorded in every needle row).
+SCORING = {
+    "exact_match": "the answer occurs in the prediction (both case-folded, whitespace collapsed)",
+    "rouge1_recall": "ROUGE-1 recall of the answer (rouge_score tokenization, Retrieval-Head reference)",
+}
+
+
 def score_exact_match(prediction: str, answer: str) -> float:
+    """1.0 if the normalised answer occurs in the normalised prediction, else 0.0 (common harnesses' rule)."""
+    pred, ans = _normalize(prediction), _normalize(answer)
+    return 1.0 if ans and ans in pred else 0.0
+
+
+def score_prefix_match(prediction: str, answer: str) -> float:
     """1.0 if the normalised prediction starts with the normalised answer and does not continue it, else 0.0."""
     pred, ans = _normalize(prediction), _normalize(answer)
     if not ans or not pred.startswith(ans):
@@ -138,18 +165,32 @@ def score_contains(prediction: str, answer: str) -> float:
     return 1.0 if _normalize(answer) in _normalize(prediction) else 0.0
 
 
-def _rouge_tokens(text: str) -> list[str]:
-    return re.sub(r"[^0-9a-z]+", " ", text.casefold()).split()
+_STEMMER = None
 
 
-def score_rouge1_recall(prediction: str, reference: str) -> float:
-    """ROUGE-1 recall: clipped unigram overlap / reference unigrams, after case-folding and dropping punctuation."""
+def _stem(token: str) -> str:
+    global _STEMMER
+    if _STEMMER is None:
+        from nltk.stem import porter
+
+        _STEMMER = porter.PorterStemmer()
+    return _STEMMER.stem(token)
+
+
+def _rouge_tokens(text: str, stemmer: bool = True) -> list[str]:
+    tokens = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+    return [_stem(t) if stemmer and len(t) > 3 else t for t in tokens]
+
+
+def score_rouge1_recall(prediction: str, reference: str, stemmer: bool = True) -> float:
+    """ROUGE-1 recall: clipped unigram overlap / reference unigrams, ``rouge_score``'s tokenization (lower-case,
+    ``[a-z0-9]`` runs) and, with ``stemmer``, its Porter stemming of tokens longer than 3 characters."""
     from collections import Counter
 
-    ref = Counter(_rouge_tokens(reference))
+    ref = Counter(_rouge_tokens(reference, stemmer))
     if not ref:
         return 0.0
-    pred = Counter(_rouge_tokens(prediction))
+    pred = Counter(_rouge_tokens(prediction, stemmer))
     return sum((ref & pred).values()) / sum(ref.values())
 
 
@@ -366,6 +407,8 @@ def _one_sample(tokenizer, sent_len, tpl, template, length, depth, index, seed, 
     needle_tok = _token_span(offsets, n_start, n_end)
     value_tok = _token_span(offsets, v_start, v_start + len(values[0]))
     answer_tokens = len(tokenizer(" " + values[0], add_special_tokens=False)["input_ids"])
+    lead_in = question.rsplit("? ", 1)[-1]  # the question's last sentence, which the answer completes
+    sentence_tokens = len(tokenizer(f" {lead_in} {values[0]}.", add_special_tokens=False)["input_ids"])
     distractor_spans = [(a, b) for text, a, b in spans if text != needles[0]]
     return NeedleSample(
         prompt=prompt,
@@ -383,11 +426,66 @@ def _one_sample(tokenizer, sent_len, tpl, template, length, depth, index, seed, 
         distractor_values=values[1:],
         distractor_char_spans=distractor_spans,
         actual_depth=needle_tok[0] / max(1, len(ids)),
-        new_tokens=answer_tokens + 1,
+        new_tokens=max(answer_tokens + 1, sentence_tokens + ANSWER_SLACK),
         max_new_tokens=answer_tokens + 2,
         seed=seed,
         index=index,
     )
+
+
+#: what each ``eval=needle`` option accepts (checked by :func:`validate` before any model loads)
+CONSTRAINTS = {
+    "lengths": ListOf(Integer(min=1)),
+    "depths": Optional(ListOf(Number(0.0, 1.0))),
+    "template": Choice(TEMPLATES),
+    "num_distractors": Optional(Integer(min=0, max=len(KEY_WORDS) - 1)),
+    "samples": Integer(min=1),
+    "value_digits": Integer(min=1, max=12),
+    "haystack": Optional(AnyOf((Choice(("pydoc", "noise")), ExistingPath("any", text=True, suffixes=(".txt",))))),
+    "new_tokens": Optional(Integer(min=1)),
+    "query_aware": Boolean(),
+    "heatmap": Optional(OutputFile(suffixes=(".png", ".pdf", ".svg"))),
+}
+
+
+def validate(cfg, tokenizer=None) -> None:
+    """Check an ``eval=needle`` config before any model loads (one-line :class:`KVCompressError` naming the option,
+    the value and what is valid): every option's constraint, distractors only with ``magic_number``, a haystack
+    with usable sentences; with the model's ``tokenizer`` (loaded without the weights), every length must hold the
+    template's fixed text (intro, needles, question)."""
+    check(cfg, CONSTRAINTS, prefix="eval.")
+    template = str(option(cfg, "template", "magic_number"))
+    distractors = option(cfg, "num_distractors", None)
+    if distractors and template != "magic_number":
+        raise KVCompressError(f"eval.num_distractors={distractors} with template {template!r}, which has one fixed "
+                              "key; valid: eval.num_distractors=0 (or null), or eval.template=magic_number")
+    source = option(cfg, "haystack", None) or TEMPLATES[template]["haystack"]
+    try:
+        _haystack.load_sentences(source)
+    except (OSError, ValueError) as err:
+        raise KVCompressError(f"eval.haystack={str(source)!r} has no usable text ({err}); valid: pydoc, noise, or "
+                              ".txt files of prose") from None
+    if tokenizer is not None:
+        lengths = [int(x) for x in option(cfg, "lengths", [1024])]
+        digits = int(option(cfg, "value_digits", 7))
+        need = minimum_length(tokenizer, template, distractors, digits)
+        if min(lengths) < need:
+            raise KVCompressError(f"eval.lengths={lengths}: {min(lengths)} tokens cannot hold the {template!r} "
+                                  f"template's fixed text ({need} tokens with this tokenizer); valid: lengths >= {need}")
+
+
+def minimum_length(tokenizer, template: str = "magic_number", num_distractors: int | None = None,
+                   value_digits: int = 7) -> int:
+    """Tokens of a prompt with no haystack at all (intro, every needle, question, special tokens): the smallest
+    context length the template fits in."""
+    tpl = TEMPLATES[template]
+    if num_distractors is None:
+        num_distractors = 3 if template == "magic_number" else 0
+    keys = [max(KEY_WORDS, key=len)] * (1 + num_distractors)
+    value = KAMRADT_ANSWER if template == "kamradt" else "8" * value_digits
+    needles = [tpl["needle"].format(key=k, value=value) for k in keys]
+    prompt, _ = _assemble(tpl["intro"], [], {0: needles}, tpl["question"].format(key=keys[0]))
+    return _count(tokenizer, prompt)
 
 
 class NeedleTask(Task):
@@ -395,7 +493,9 @@ class NeedleTask(Task):
 
     ``cfg`` keys (all optional): ``lengths`` (default [1024]), ``depths`` (default 0, 0.1, …, 1), ``template``
     (``magic_number``), ``num_distractors`` (template default), ``samples`` (per length × depth cell, 1),
-    ``value_digits`` (7), ``haystack`` (template default), ``new_tokens`` (default: answer tokens + 1),
+    ``value_digits`` (7), ``haystack`` (template default), ``new_tokens`` (default: the template's answer sentence
+    + :data:`ANSWER_SLACK` tokens), ``rouge_stemmer`` (True: Porter stemming in ROUGE-1, the Retrieval-Head
+    reference's ``use_stemmer=True``),
     ``query_aware`` (True: the prompt with its question is compressed at prefill, as SnapKV/PyramidKV papers do;
     False: the context alone is prefilled and compressed, then the question is appended uncompressed, as kvpress
     does by default — harder, since the compressor cannot see what will be asked; the question is what follows
@@ -404,7 +504,8 @@ class NeedleTask(Task):
 
     Accuracy block: ``exact_match`` and ``rouge1_recall`` overall, ``<metric>@<length>`` per length,
     ``<metric>@d<depth>`` per depth; ``grid`` / ``grid_rouge1_recall`` (``{"<length>": {"<depth>": score}}``, scores
-    in [0, 1]); ``heatmap`` (the PNG's path, when asked).
+    in [0, 1]); ``scoring`` (the rule of each metric, :data:`SCORING`; ROUGE's says whether it stemmed);
+    ``heatmap`` (the PNG's path, when asked).
     """
 
     name = "needle"
@@ -423,6 +524,7 @@ class NeedleTask(Task):
         self.new_tokens = option(cfg, "new_tokens", None)
         self.query_aware = bool(option(cfg, "query_aware", True))
         self.heatmap = option(cfg, "heatmap", None)
+        self.rouge_stemmer = bool(option(cfg, "rouge_stemmer", True))
 
     def samples(self) -> list[Sample]:
         needles = make_needle_samples(
@@ -438,11 +540,14 @@ class NeedleTask(Task):
 
     def score(self, sample: Sample, outcome: Outcome) -> dict:
         return {"exact_match": score_exact_match(outcome.text, sample.reference),
-                "rouge1_recall": score_rouge1_recall(outcome.text, sample.reference)}
+                "rouge1_recall": score_rouge1_recall(outcome.text, sample.reference, self.rouge_stemmer)}
 
     def summarise(self, samples: list[Sample], records: list[dict]) -> dict:
         hits = [(r["meta"]["length"], r["meta"]["depth"], r["exact_match"], r["rouge1_recall"]) for r in records]
-        return _summarise(hits, self.lengths, self.depths, self.template, self.query_aware, self.heatmap)
+        result = _summarise(hits, self.lengths, self.depths, self.template, self.query_aware, self.heatmap)
+        stem = "with the Porter stemmer" if self.rouge_stemmer else "without stemming"
+        result["scoring"] = {**SCORING, "rouge1_recall": f"{SCORING['rouge1_recall']}, {stem}"}
+        return result
 
 
 def task(cfg, *, seed: int = 0, tokenizer=None, model=None) -> NeedleTask:

@@ -1,5 +1,8 @@
-"""LongBench v1: metrics equal lm-eval's port on a table of pairs; prompts, truncation, chat template, errors;
-the made-up fixture in tests/data/longbench runs end to end through a compressed cache on the testbed."""
+"""LongBench v1: metrics against expected scores derived by reading the official code (tests/data/longbench/
+official_scores.json, blank- and comment-line code_sim cases included) and, for ``protocol="lm-eval"``, equal to
+lm-eval's port on a table of pairs; prompts, truncation (BOS counted), max_len from the position limit, stop ids
+added to the model's own, both averages, chat template, errors; the made-up fixture in tests/data/longbench runs end
+to end through a compressed cache on the testbed."""
 
 from __future__ import annotations
 
@@ -97,7 +100,7 @@ def _table(lm):
         ("count", M.count, lm.count_score, COUNT_PAIRS, {}),
         ("retrieval", M.retrieval, lm.retrieval_score, RETRIEVAL_PAIRS, {}),
         ("retrieval_zh", M.retrieval_zh, lm.retrieval_zh_score, RETRIEVAL_ZH_PAIRS, {}),
-        ("code_sim", M.code_sim, lm.code_sim_score, CODE_PAIRS, {}),
+        ("code_sim", M.code_sim_lm_eval, lm.code_sim_score, CODE_PAIRS, {}),
         ("classification", M.classification, lm.classification_score, CLASS_PAIRS, {"all_classes": CLASSES}),
         ("classification", M.classification, lm.classification_score, QUIRK_PAIRS, {"all_classes": QUIRK_CLASSES}),
     ]
@@ -112,6 +115,63 @@ def test_metrics_equal_lm_eval_on_table(lm):
             checked += 1
     assert checked > 70
     assert set(M.METRICS) == {name for name, *_ in _table(lm)}
+
+
+OFFICIAL = json.loads((FIXTURE / "official_scores.json").read_text(encoding="utf-8"))["cases"]
+
+
+@pytest.mark.parametrize("protocol,key", [("official", "official"), ("lm-eval", "lm_eval")])
+def test_sample_scores_equal_the_official_code_expectations(protocol, key):
+    """Every case of the fixture (worked out by reading THUDM's eval.py / metrics.py and lm-eval's port): the
+    sample score of each protocol. The rouge package's F has a 1e-8 epsilon in its denominator (1 - 5e-9)."""
+    assert any(c["metric"] == "code_sim" and c["official"] != c["lm_eval"] for c in OFFICIAL)
+    for c in OFFICIAL:
+        got = M.score_sample(c["metric"], c["prediction"], c["answers"], c.get("all_classes"),
+                             first_line_only=c["task"] in M.FIRST_LINE_TASKS, protocol=protocol)
+        assert got == pytest.approx(c[key], abs=1e-8), (protocol, c)
+
+
+def test_code_sim_blank_and_comment_lines():
+    # official: the first line (after leading newlines) without ` # //, blank or not
+    assert M.code_sim("# comment\n\nx = 1", "x = 1") == 0.0
+    assert M.code_sim("\n\n# comment\nx = 1", "x = 1") == 1.0
+    assert M.code_sim_lm_eval("# comment\n\nx = 1", "x = 1") == 1.0
+    assert M.score_sample("code_sim", "# c\n\nx = 1", ["x = 1"]) == 0.0
+    assert M.score_sample("code_sim", "# c\n\nx = 1", ["x = 1"], protocol="lm-eval") == 1.0
+    with pytest.raises(KVCompressError, match="unknown LongBench protocol 'lm_eval'; valid choices: lm-eval, official"):
+        M.score_sample("qa_f1", "x", ["x"], protocol="lm_eval")
+
+
+def test_lm_eval_protocol_equals_the_port_on_fixture_cases(lm):
+    """The fixture's lm-eval expectations are what the installed port computes (after its until=["\\n"] cut)."""
+    wrappers = {"qa_f1": lm.get_qa_f1_score, "rouge": lm.get_rouge_score, "count": lm.get_count_score,
+                "retrieval": lm.get_retrieval_score, "retrieval_zh": lm.get_retrieval_zh_score,
+                "code_sim": lm.get_code_sim_score, "classification": lm.get_classification_score}
+    for c in OFFICIAL:
+        generated = c["prediction"].split("\n")[0] if c["task"] in LB.LM_EVAL_NEWLINE_TASKS else c["prediction"]
+        doc = {"answers": c["answers"], "all_classes": c.get("all_classes")}
+        theirs = next(iter(wrappers[c["metric"]](doc, [generated]).values()))
+        assert theirs == pytest.approx(c["lm_eval"], abs=1e-8), c
+
+
+def test_lm_eval_prompts_equal_the_ports_yaml(lm):
+    import yaml
+
+    root = Path(lm.__file__).parent
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: None)
+    differ = []
+    for task in LB.TASKS:
+        spec = yaml.load((root / f"{task}.yaml").read_text(encoding="utf-8"), Loader=Loader)
+        text = spec["doc_to_text"].replace("{{context}}", "{context}").replace("{{question}}", "{input}")
+        assert LB.lm_eval_prompt(task) == text, task
+        assert spec["generation_kwargs"]["max_gen_toks"] == LB.MAX_NEW_TOKENS[task]
+        assert (spec["generation_kwargs"]["until"] == ["\n"]) == (task in LB.LM_EVAL_NEWLINE_TASKS), task
+        differ += [task] if text != LB.PROMPTS[task] else []
+    assert sorted(differ) == ["lcc", "passage_count", "passage_retrieval_en", "repobench-p", "samsum", "triviaqa"]
 
 
 def test_classification_keeps_the_official_iteration_quirk():
@@ -138,10 +198,11 @@ def test_sample_scores_equal_lm_eval_wrappers(lm):
         ("code_sim", "x = 1\ny = 2", ["x = 1", "y = 2"]),
         ("classification", "Date", ["Date"]),
     ]
+    docs += [("code_sim", "\n# c\n\n  y = 2", ["y = 2"]), ("qa_f1", "\n Paris \n", ["Paris"])]
     for metric, pred, answers in docs:
         doc = {"answers": answers, "all_classes": CLASSES}
         theirs = next(iter(wrappers[metric](doc, [pred]).values()))
-        ours = M.score_sample(metric, pred if metric == "code_sim" else pred.strip(), answers, CLASSES)
+        ours = M.score_sample(metric, pred, answers, CLASSES, protocol="lm-eval")
         assert ours == pytest.approx(theirs, abs=1e-12), (metric, pred)
 
 
@@ -159,6 +220,8 @@ def test_protocol_tables():
     assert LB.PROMPTS["narrativeqa"].count("asconcisely") == 2  # the official typo, kept for comparability
     assert LB.MAX_NEW_TOKENS["gov_report"] == 512 and LB.MAX_NEW_TOKENS["hotpotqa"] == 32
     assert set(LB.NO_CHAT_TEMPLATE) == {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}
+    assert set(LB.CATEGORY) == set(LB.TASKS) and set(LB.CATEGORY.values()) == set(LB.CATEGORIES)
+    assert [t for t in LB.ENGLISH_TASKS if LB.CATEGORY[t] == "code"] == ["lcc", "repobench-p"]
 
 
 def test_fixture_is_official_layout():
@@ -193,13 +256,20 @@ def test_prompt_boundary_and_middle_truncation(testbed):
     context_part = LB.PROMPTS["hotpotqa"].split("{context}")[0] + row["context"]
     assert full.input_ids[: full.boundary] == tok(context_part)["input_ids"]  # the split is where {context} ends
     n = full.num_tokens_before
+    assert n == len(full.input_ids)  # counted as pred.py counts: the tokenizer's BOS included
+    assert not LB.build_prompt("hotpotqa", row, tok, max_len=n).truncated
     cut = LB.build_prompt("hotpotqa", row, tok, max_len=n - 10)
     body = full.input_ids[1:]
     half = (n - 10) // 2
-    assert cut.truncated and cut.input_ids == full.input_ids[:1] + body[:half] + body[-half:]
+    # pred.py keeps tokenized[:half] + tokenized[-half:]; the first half holds the BOS
+    assert cut.truncated and cut.input_ids == full.input_ids[:half] + full.input_ids[-half:]
+    assert cut.input_ids == full.input_ids[:1] + body[: half - 1] + body[-half:] and len(cut.input_ids) == 2 * half
     assert cut.boundary == full.boundary - (n - 2 * half)  # the question part survives whole in the kept tail
     tiny = LB.build_prompt("hotpotqa", row, tok, max_len=8)
-    assert tiny.boundary is None and len(tiny.input_ids) == 1 + 8
+    assert tiny.boundary is None and len(tiny.input_ids) == 8 and tiny.input_ids[0] == tok.bos_token_id
+    # lm-eval's harness truncates on the left: the last max_len tokens, the BOS gone
+    left = LB.build_prompt("hotpotqa", row, tok, max_len=n - 10, protocol="lm-eval")
+    assert left.truncated and left.input_ids == full.input_ids[10:] and left.boundary == full.boundary - 10
 
 
 def test_chat_template_rule(testbed):
@@ -276,8 +346,14 @@ def test_fixture_end_to_end(testbed, query_aware):
     assert len(result.samples) == 6 and all("score" in s and "prediction" in s for s in result.samples)
     assert out["samples"] == 6 and out["truncated"] == 0 and out["query_aware"] is query_aware
     for t in cfg["tasks"]:
-        assert 0.0 <= out[t] <= 100.0
-    assert out["average"] == pytest.approx(sum(out[t] for t in cfg["tasks"]) / 3)
+        assert 0.0 <= out[t] <= 100.0 and out[t] == round(out[t], 2)  # eval.py: round(100 * mean, 2)
+    assert out["average_by_task"] == pytest.approx(sum(out[t] for t in cfg["tasks"]) / 3)
+    # multi-doc QA (hotpotqa), few-shot (trec), synthetic (passage_count): one task each
+    assert {k: v for k, v in out.items() if k.startswith("category.")} == {
+        "category.multi_doc_qa": out["hotpotqa"], "category.few_shot": out["trec"],
+        "category.synthetic": out["passage_count"]}
+    assert out["average_by_category"] == pytest.approx(out["average_by_task"]) and "average" not in out
+    assert out["protocol"] == "official" and out["max_len"] == 3500
     if not query_aware:
         assert out["query_aware_fallbacks"] == 0
 
@@ -325,7 +401,7 @@ def test_prompt_boundary_with_byte_level_bpe():
     assert tok.decode(full.input_ids[full.boundary :]).startswith("\n\nAnswer the question")
     assert tok.decode(full.input_ids[1 : full.boundary]).endswith("fishing.")
     cut = LB.build_prompt("hotpotqa", row, tok, max_len=full.num_tokens_before - 10)
-    assert cut.truncated and len(cut.input_ids) == 1 + 2 * ((full.num_tokens_before - 10) // 2)
+    assert cut.truncated and len(cut.input_ids) == 2 * ((full.num_tokens_before - 10) // 2)  # BOS counted
     assert cut.input_ids[cut.boundary :] == full.input_ids[full.boundary :]
 
 
@@ -355,4 +431,65 @@ def test_longbench_through_the_run_entry_point(testbed, tmp_path):
     fixture_rows = sum(len(LB.load_task(t, FIXTURE)) for t in tasks)
     acc = row["accuracy"]
     assert acc["task"] == "longbench" and acc["samples"] == direct["samples"] == fixture_rows
-    assert {t: acc[t] for t in [*tasks, "average"]} == {t: direct[t] for t in [*tasks, "average"]}
+    keys = [*tasks, "average_by_task", "average_by_category"]
+    assert {t: acc[t] for t in keys} == {t: direct[t] for t in keys}
+    # max_len: null (the default) = the testbed's 32768 positions minus each task's generation length
+    assert row["config"]["eval"]["max_len"] is None and acc["max_len"] == 32768 - 6
+
+
+def test_averages_per_task_and_per_category():
+    task = LB.LongBenchTask({"tasks": ["hotpotqa", "hotpotqa_e", "trec"], "data_dir": str(FIXTURE)},
+                            tokenizer=object.__new__(type("T", (), {})))
+    records = [{"meta": {"task": t, "bucket": "0-4k", "truncated": False}, "score": s}
+               for t, s in (("hotpotqa", 1.0), ("hotpotqa", 0.0), ("hotpotqa_e", 1.0), ("trec", 0.2))]
+    out = task.summarise([], records)
+    assert (out["hotpotqa"], out["hotpotqa_e"], out["trec"]) == (50.0, 100.0, 20.0)
+    assert out["category.multi_doc_qa"] == 75.0 and out["category.few_shot"] == 20.0
+    assert out["average_by_task"] == pytest.approx(170 / 3) and out["average_by_category"] == pytest.approx(47.5)
+
+
+def test_max_len_from_the_position_limit(testbed):
+    import copy
+
+    model, base = testbed
+    task = LB.LongBenchTask({"tasks": ["hotpotqa"], "data_dir": str(FIXTURE)}, tokenizer=base, model=model)
+    assert task.task_max_len("hotpotqa", 32) == 32768 - 32 and task.task_max_len("gov_report", 512) == 32768 - 512
+    tok = copy.deepcopy(base)
+    tok.chat_template = "{% for m in messages %}<s> USER : {{ m['content'] }}{% endfor %} ASSISTANT :"
+    overhead = LB.chat_overhead("hotpotqa", tok)
+    assert overhead == len(tok("<s> USER :  ASSISTANT :", add_special_tokens=False)["input_ids"]) > 0
+    chat = LB.LongBenchTask({"tasks": ["hotpotqa"], "data_dir": str(FIXTURE)}, tokenizer=tok, model=model)
+    assert chat.task_max_len("hotpotqa", 32) == 32768 - 32 - overhead
+    assert chat.task_max_len("trec", 64) == 32768 - 64  # no template on trec
+    fixed = LB.LongBenchTask({"tasks": ["hotpotqa"], "data_dir": str(FIXTURE), "max_len": 3500}, tokenizer=base, model=model)
+    assert fixed.task_max_len("hotpotqa", 32) == 3500
+    assert LB.LongBenchTask({"tasks": ["hotpotqa"], "data_dir": str(FIXTURE)}, tokenizer=base).task_max_len("hotpotqa", 32) \
+        == LB.DEFAULT_MAX_LEN  # no model, no limit: the official 4K value
+
+
+def test_stop_ids_are_added_to_the_models_own(testbed):
+    """A generation config with two stop ids (an instruct model's EOS + end-of-turn): both stay in force, the
+    tokenizer's EOS and (samsum) the newline are added; generation really ends at the model's second stop id."""
+    import copy
+
+    import kvcompress
+    from kvcompress.eval.loop import evaluate
+
+    base_model, tok = testbed
+    model = copy.deepcopy(base_model)
+    cfg = {"tasks": ["passage_count"], "data_dir": str(FIXTURE), "samples": 1, "max_new_tokens": 8}
+    full = lambda: kvcompress.compress(model, "full")  # noqa: E731
+    free = evaluate(model, LB.task(cfg, tokenizer=tok, model=model), full, tokenizer=tok).samples[0]["prediction"]
+    ids = tok(free, add_special_tokens=False)["input_ids"]
+    assert len(ids) >= 3
+    stop = ids[1]  # the second generated token becomes the model's own second stop id
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    newline = tok.encode("\n", add_special_tokens=False)[-1]
+    assert LB.stop_token_ids("passage_count", tok, model) == [tok.eos_token_id, stop]
+    assert LB.stop_token_ids("samsum", tok, model) == [tok.eos_token_id, stop, newline]
+    assert LB.stop_token_ids("trec", tok, model) == [tok.eos_token_id, stop]
+    assert LB.stop_token_ids("trec", tok, model, protocol="lm-eval") == [tok.eos_token_id, stop, newline]
+    (sample,) = LB.task(cfg, tokenizer=tok, model=model).samples()
+    assert sample.stop == [tok.eos_token_id, stop]
+    stopped = evaluate(model, LB.task(cfg, tokenizer=tok, model=model), full, tokenizer=tok).samples[0]["prediction"]
+    assert tok(stopped, add_special_tokens=False)["input_ids"] == ids[:2]  # ended at the model's own stop id

@@ -88,12 +88,34 @@ def test_num_samples_and_value_digits(tok):
 
 
 def test_scoring():
-    assert score_exact_match(" 4827193.", "4827193") == 1.0
-    assert score_exact_match("4827193 is the number", "4827193") == 1.0
-    assert score_exact_match("48271935", "4827193") == 0.0
-    assert score_exact_match("the number is 4827193", "4827193") == 0.0
+    """Exact match as common harnesses check it: the (normalised) value occurs in the answer."""
+    from kvcompress.eval.needle import score_prefix_match
+
+    for pred in (" 4827193.", "4827193 is the number", ": 4827193", "**4827193**", "the number is 4827193",
+                 "The special magic number for apple is 4827193.", "It is\n4827193"):
+        assert score_exact_match(pred, "4827193") == 1.0, pred
+    assert score_exact_match("482 7193", "4827193") == 0.0 and score_exact_match("", "4827193") == 0.0
     assert score_exact_match("Eat a  sandwich", "eat a sandwich") == 1.0
+    assert score_exact_match("anything", "") == 0.0
     assert score_contains("the number is 4827193", "4827193") == 1.0
+    # the stricter prefix rule (head detection's probes)
+    assert score_prefix_match(" 4827193.", "4827193") == 1.0 and score_prefix_match("48271935", "4827193") == 0.0
+    assert score_prefix_match("the number is 4827193", "4827193") == 0.0
+
+
+def test_generation_is_long_enough_for_the_templates_answer(tok):
+    """new_tokens covers the template's whole answer sentence restated, plus 2: a model that repeats the lead-in
+    still reaches the value."""
+    from kvcompress.eval.needle import ANSWER_SLACK
+
+    for template in ("magic_number", "passkey", "kamradt"):
+        (s,) = make_needle_samples(tok, [400], [0.5], template=template)
+        lead_in = s.prompt.rsplit("? ", 1)[-1]
+        restated = f" {lead_in} {s.answer}."
+        assert s.new_tokens == len(tok(restated, add_special_tokens=False)["input_ids"]) + ANSWER_SLACK
+        assert s.new_tokens > len(tok(" " + s.answer, add_special_tokens=False)["input_ids"]) + 1
+    (m,) = make_needle_samples(tok, [400], [0.5])
+    assert m.prompt.endswith(f"The special magic number for {m.key} is") and m.max_new_tokens < m.new_tokens
 
 
 def test_too_short_context_is_an_error(tok):
@@ -112,6 +134,30 @@ def test_rouge1_recall():
     assert score_rouge1_recall("Eat a SANDWICH, then park.", ref) == pytest.approx(4 / 12)
     assert score_rouge1_recall("a a a", "a a b") == pytest.approx(2 / 3)  # clipped counts
     assert score_rouge1_recall("anything", "") == 0.0 and score_rouge1_recall("", ref) == 0.0
+    # the stemmer (Retrieval-Head's use_stemmer=True): eating, sandwiches, sitting, days meet eat, sandwich, sit, day
+    para = "Eating sandwiches and sitting in Dolores Park on sunny days"
+    assert score_rouge1_recall(para, ref, stemmer=False) == pytest.approx(6 / 12)
+    assert score_rouge1_recall(para, ref) == pytest.approx(10 / 12)
+
+
+def test_rouge1_recall_equals_the_retrieval_head_reference():
+    """Our ROUGE-1 recall equals rouge_score's RougeScorer(["rouge1"], use_stemmer=True).score(needle, response)
+    (the Retrieval-Head reference's call), and use_stemmer=False with stemmer=False."""
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    from kvcompress.eval.needle import KAMRADT_ANSWER, score_rouge1_recall
+
+    responses = [
+        "Eating sandwiches and sitting in Dolores Park on sunny days.", "eat a sandwich", "", "The best thing...",
+        "It's eating a sandwich & sitting (in) DOLORES park -- on a sunny, sunny day!!", "café naïve 4827193 días",
+        "generalization generalizations running runs ran happily happiness", "a a a b",
+    ]
+    references = [KAMRADT_ANSWER, "4827193", "a b c", "Generalizations run happily", "ß and ǅ letters"]
+    for stem in (True, False):
+        scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=stem)
+        for ref in references:
+            for resp in responses:
+                expected = scorer.score(ref, resp)["rouge1"].recall
+                assert score_rouge1_recall(resp, ref, stemmer=stem) == pytest.approx(expected, abs=1e-12), (ref, resp)
 
 
 def test_write_heatmap(tmp_path):
@@ -134,6 +180,8 @@ def test_run_reports_rouge_grid_and_heatmap(tmp_path):
     cfg = {"lengths": [160, 256], "depths": [0.0, 1.0], "heatmap": str(tmp_path / "needle.png")}
     res = needle.run(model, lambda: kvcompress.compress(model, "full"), cfg, seed=0, tokenizer=tokenizer)
     assert res["samples"] == 4 and res["exact_match"] == 1.0 and res["rouge1_recall"] == 1.0
+    assert "occurs in the prediction" in res["scoring"]["exact_match"]
+    assert res["scoring"]["rouge1_recall"].endswith("with the Porter stemmer")
     assert res["rouge1_recall@256"] == 1.0 and res["rouge1_recall@d0"] == 1.0
     assert res["grid"] == {"160": {"0": 1.0, "1": 1.0}, "256": {"0": 1.0, "1": 1.0}}
     assert res["grid_rouge1_recall"]["256"]["1"] == 1.0

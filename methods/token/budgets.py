@@ -12,8 +12,9 @@ A token method's budget is ``ratio`` (fraction kept) or ``budget`` (tokens kept 
   - ``"list"`` — ``layer_ratios=[r_0, …, r_{L−1}]``, used as given;
   - ``"pyramidkv"`` — PyramidKV's official count formula (KVCache-Factory): from the uniform budget ``C``,
     ``min = (C − w)/β``, ``max = 2(C − w) − min``, layer ``l`` keeps ``round(max − l·(max − min)/(L − 1)) + w``
-    (``w`` the method's protected window), falling back to ``C`` where the pyramid does not fit
-    (:func:`pyramid_budget`). ``beta=20`` throughout.
+    (``w`` the method's protected window); where ``max`` exceeds what a row holds beyond the window, ``max = S − w``
+    and ``min = 2(C − w) − max``, so the excess goes to the other layers and the layers still total ``L·C`` (up to
+    rounding); ``C`` where the pyramid does not apply (:func:`pyramid_budget`). ``beta=20`` throughout.
 
 * **across the KV heads of a row** (``allocation``, on every :class:`~kvcompress.methods.token.scoring.ScoredTokenCompressor`):
 
@@ -65,12 +66,28 @@ def schedule_ratios(schedule: str, ratio: float, num_layers: int, beta: float = 
 
 
 def pyramid_budget(c: torch.Tensor, n: torch.Tensor, window: int, beta: float, layer: int, layers: int) -> torch.Tensor:
-    """PyramidKV's budget of layer ``layer`` for uniform budgets ``c`` and row lengths ``n`` (same shape)."""
+    """PyramidKV's budget of layer ``layer`` (of ``layers``) for uniform budgets ``c`` and row lengths ``n`` (same
+    shape), window ``w = window``.
+
+    With ``span = c − w``: ``low = span/β``, ``high = 2·span − low``; where ``high`` exceeds what the row holds
+    beyond the window (``n − w``), ``high = n − w`` and ``low = 2·span − high`` — the top layers' excess goes to the
+    lower ones (KVCache-Factory's ``max_num``/``min_num`` correction) — so the budgets average ``c`` and total
+    ``L·c`` up to rounding. Layer ``l`` keeps ``round(high − l·(high − low)/(L − 1)) + w``, never more than ``n``.
+    ``c`` itself (uniform SnapKV) where the pyramid does not apply, as in the official code: ``c ≤ w``,
+    ``n < 2·span``, or ``c ≥ n`` (the row is kept whole).
+
+    The official code computes ``low = span // β`` and the step ``(high − low) // (L − 1)`` in integers and adds no
+    rounding, so its layer ``l`` keeps up to ``l`` tokens more than ours (its total exceeds ``L·c`` by up to
+    ``L(L − 1)/2``; e.g. ``c=100, w=8, n=185, L=4``: 185/129/73/17 = 404 there, 185/128/72/15 = 400 here)."""
     if layers <= 1:
         return c
     span = (c - window).double()
     low = span / beta
     high = 2 * span - low
+    room = (n - window).double()
+    over = high > room  # the top of the pyramid does not fit the row: give the excess to the other layers
+    high = torch.where(over, room, high)
+    low = torch.where(over, 2 * span - high, low)
     pyramid = torch.round(high - layer * (high - low) / (layers - 1)).long() + window
     uniform = (span <= 0) | (n < 2 * span) | (c >= n)
     return torch.where(uniform, c, torch.minimum(pyramid.clamp(min=1), n))

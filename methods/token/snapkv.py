@@ -25,6 +25,25 @@ KVCache-Factory LongBench  8       7       max      ``window=8``
 ``pooling="none"`` disables pooling. ``sink=0`` (SnapKV has none). A row shorter than the window uses all its real
 queries. A budget ≥ the row's length keeps everything (SnapKV's "skip if S < C").
 
+How it differs from the references with those settings matched (kept sets otherwise identical):
+
+* **Kept count.** ``ratio`` keeps ``clamp(round(ratio·S), 1, S)`` per KV head; kvpress keeps
+  ``max(1, int(S·(1 − compression_ratio)))`` — a floor of a float product, so it keeps one token fewer whenever
+  ``ratio·S`` has a fractional part above 0.5 (at exactly .5 ours rounds to even) or the float
+  ``1 − compression_ratio`` falls just below ``ratio`` (e.g.
+  ``S=1030``, ``compression_ratio=0.9``: ``int(1030 × 0.09999999999999998) = 102``, ours ``round(103.0) = 103``).
+  The official code and KVCache-Factory take an absolute ``max_capacity_prompt`` (``budget=`` here: no rounding).
+* **The window.** Ours always keeps the newest ``window`` tokens inside the budget, and a budget below the window
+  keeps the newest ``budget`` tokens; the official code keeps ``C − w`` prefix tokens plus the window (the same
+  when ``C ≥ w``); kvpress pads the window's scores with the prefix maximum, so the window competes in one top-k
+  (kept whole unless the budget is below the window, where its choice among the tied window tokens is
+  ``topk``'s).
+* **GQA.** kvpress averages the window queries' probabilities (``mean``, which ranks like our sum), pools, then
+  averages the group (our ``gqa="mean"``: pool-then-reduce, the same order); the official code and KVCache-Factory
+  select per query head after ``repeat_kv`` (a per-query-head cache, larger than the dense one on GQA models).
+* **Phases.** The official code and kvpress's ``SnapKVPress`` compress once at the prefill; kvpress compresses
+  the context only by default (``eval.query_aware=false`` here), the papers the whole prompt (our default).
+
 ``phase="decode"`` (periodic re-scoring, as kvpress's ``DecodingPress``): the last ``window`` queries (prompt, then
 generated) are kept in the cache state (counted as cache memory); every ``interval`` decode steps the cache is
 re-scored with them and cut back to its prefill size (or ``budget``), so between re-scorings it grows by at most
