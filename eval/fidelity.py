@@ -41,6 +41,7 @@ def _prompt(vocab_size: int, length: int, seed: int) -> torch.Tensor:
 class FidelityTask(Task):
     """``eval=fidelity``: ``context`` prompt tokens, ``new_tokens`` generated, ``samples`` prompts (seed·1000 + i).
     Sample metadata: ``index``."""
+    primary = "token_agreement"
 
     name = "fidelity"
     compare_to_full = True

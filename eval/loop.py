@@ -13,14 +13,15 @@ records into the accuracy block. The loop owns everything in between, once for e
   feeds the last prompt token and decodes as usual. A sample whose split point is unknown or out of range falls
   back to query-aware and says so in its record (``fell_back``);
 * **generation**: greedy ``model.generate`` of exactly ``sample.new_tokens`` new tokens (fewer only when an EOS /
-  stop token ends the answer early); every evaluation states its own count (needle: answer tokens + 1, enough to
-  see that the answer does not run on);
+  stop token ends the answer early); every evaluation states its own count (needle: the template's answer sentence
+  restated + 2 tokens);
 * **sharding and gathering**: under ``accelerate launch`` each process evaluates samples ``rank, rank + world, …``
   and the records are gathered back in sample order (:mod:`kvcompress.distributed`), so the accuracy block is the
   one a single process computes;
 * **the cache report**: :func:`evaluate` returns the accuracy block, the memory block of the first sample's cache
-  (:func:`kvcompress.results.memory_block`), what the methods decided for it, and one record per sample (its
-  metadata, prediction, scores, kept fraction / bytes and the method state that differs from the first sample's).
+  (:func:`kvcompress.results.memory_block`), what the methods decided for it, and one record per sample (its ``id``
+  in sample order, metadata, prediction, reference, scores, kept fraction right after the prefill and after
+  generation, kept bytes and the method state that differs from the first sample's).
 
 Tasks that compare with the uncompressed cache (``compare_to_full = True``: fidelity) also get the full cache's
 greedy tokens and the teacher-forced next-token logits of both caches on them; their memory block is the
@@ -91,6 +92,9 @@ class Task:
     name: str = "task"
     query_aware: bool = True
     compare_to_full: bool = False
+    #: the key of :meth:`score`'s result that is the sample's score (higher is better): the predictions sidecar's
+    #: ``score`` and the error-analysis table's order
+    primary: str = "score"
 
     def samples(self) -> list[Sample]:
         raise NotImplementedError
@@ -230,13 +234,15 @@ def evaluate(model: torch.nn.Module, task: Task, make_cache: CacheFactory, *, to
         record: dict[str, Any] = {"meta": dict(sample.meta)}
         if outcome.text is not None:
             record["prediction"] = outcome.text
+        if sample.reference is not None:
+            record["reference"] = jsonable(sample.reference)
         if not task.query_aware:
             record["fell_back"] = outcome.fell_back
         record.update(task.score(sample, outcome))
         if _is_compressed(cache):
             report = cache.memory_report()
-            record.update(kept_fraction=report["kept_fraction"], kept_bytes=report["kept_bytes"],
-                          method_state=jsonable(cache.shared))
+            record.update(kept_fraction=report["kept_fraction"], kept_fraction_prefill=report["kept_fraction_prefill"],
+                          kept_bytes=report["kept_bytes"], method_state=jsonable(cache.shared))
             if first:  # this process's first sample (the first sample of all on the main process)
                 memory = memory_block(cache, model.config)
         first = False
@@ -244,6 +250,8 @@ def evaluate(model: torch.nn.Module, task: Task, make_cache: CacheFactory, *, to
         local.append((record, time.perf_counter() - start))
     gathered = gather(local, len(samples))  # every process gets every sample's record, in sample order
     records = [r for r, _ in gathered]
+    for index, record in enumerate(records):  # the sample's id: its index in the task's sample order
+        record["id"] = index
     method_state = records[0].get("method_state", {}) if records else {}
     for record in records:
         if "method_state" in record:

@@ -509,6 +509,7 @@ class NeedleTask(Task):
     """
 
     name = "needle"
+    primary = "exact_match"
 
     def __init__(self, cfg, seed: int = 0, tokenizer=None):
         if tokenizer is None:

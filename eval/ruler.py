@@ -775,6 +775,7 @@ class RulerTask(Task):
     """
 
     name = "ruler"
+    primary = "all"
 
     def __init__(self, cfg, seed: int = 0, tokenizer=None):
         if tokenizer is None:

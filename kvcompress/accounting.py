@@ -114,6 +114,7 @@ class MemoryReport(TypedDict):
     resident_bytes: int  # bytes allocated (append headroom included)
     workspace_bytes: int  # attention scratch for encoded blocks, reused across steps; not cache data
     kept_fraction: float | None  # kept / dense; None while nothing is stored
+    kept_fraction_prefill: float | None  # kept / dense right after the prefill (before any decoded token)
     context_tokens: int  # logical positions seen (left padding included)
     dtype_bytes: int | None
     kept_tokens: list[list[float]]  # per layer x KV head, mean over rows
@@ -145,6 +146,7 @@ def memory_report(cache: KVCompressCache) -> MemoryReport:
         "resident_bytes": resident_bytes(cache),
         "workspace_bytes": cache.workspace.nbytes(),  # attention scratch, reused across steps; not cache data
         "kept_fraction": None if empty else kept / dense,
+        "kept_fraction_prefill": cache.kept_fraction_prefill,
         "context_tokens": first.logical if first is not None else 0,
         "dtype_bytes": first.keys.element_size() if first is not None else None,
         "kept_tokens": kept_tokens(cache),

@@ -62,6 +62,8 @@ class KVCompressCache(Cache):
         self.workspace = Workspace()  # scratch for reconstructing encoded blocks in attention (not cache data)
         #: the layer updated last: its attention must have consumed its keys by the next update (misuse check)
         self._last_updated: KVCompressLayer | None = None
+        #: kept / dense bytes right after the prefill (:meth:`note_prefill`), before decoding appends anything
+        self.kept_fraction_prefill: float | None = None
         super().__init__(layers=[KVCompressLayer(i, self) for i in range(self.num_layers)])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
@@ -121,6 +123,12 @@ class KVCompressCache(Cache):
 
     def effective_bits(self, split: list[tuple[float, float]] | None = None) -> list[float]:
         return accounting.effective_bits(self, split)
+
+    def note_prefill(self) -> None:
+        """Record :attr:`kept_fraction_prefill` (called when the last layer's prefill is stored and compressed;
+        host metadata only, no device read)."""
+        dense = self.dense_bytes()
+        self.kept_fraction_prefill = self.kept_bytes() / dense if dense else None
 
     def memory_report(self) -> accounting.MemoryReport:
         """The memory block of a results row (:func:`kvcompress.accounting.memory_report`)."""

@@ -56,6 +56,8 @@ def attention(
                 decode(cache, layer, module, query, attention_mask)
         finally:
             cache._inputs = (None, None)
+    if phase == "prefill" and layer.layer_idx == cache.num_layers - 1:  # every layer prefilled (and compressed)
+        cache.note_prefill()
     return out, None
 
 

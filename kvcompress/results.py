@@ -57,8 +57,10 @@ class Row:
     * ``accuracy``: the task's result block (for a benchmark row: its measured figures);
     * ``latency``: Fu 2024's modelled serving cost (evaluated model, and projected onto the deployment target);
     * ``method_state``: what the methods decided for the first sample (kept layers, reconstruction errors, ...);
-    * ``samples``: one record per sample, in sample order: its metadata (length, depth, task, ...), prediction,
-      scores, ``kept_fraction``, ``kept_bytes`` and the ``method_state`` entries that differ from the row's;
+    * ``samples``: one record per sample, in sample order: its ``id``, metadata (length, depth, task, ...),
+      prediction, reference, scores, ``kept_fraction_prefill`` (right after the prefill), ``kept_fraction`` (after
+      generation), ``kept_bytes`` and the ``method_state`` entries that differ from the row's; the same records, one
+      line each, go to the predictions sidecar (:func:`predictions_path`, :func:`prediction_records`);
     * ``timing``: wall seconds (``load_s`` model load, ``eval_s`` evaluation, ``samples_s`` per sample) — the only
       part of a row that is not a function of its configuration, with ``provenance``;
     * ``provenance``: package / torch / transformers versions, git commit, machine, threads, seed, timestamp.
@@ -148,6 +150,39 @@ def append_row(path: str | os.PathLike[str], row: Row | dict[str, Any]) -> None:
     a failed write leaves the file as it was and saves the row to a rescue file)."""
     data = row.to_dict() if isinstance(row, Row) else row
     results_file(path).append(data, default=json_default)
+
+
+def predictions_path(results: str | os.PathLike[str]) -> Path:
+    """The per-sample predictions sidecar of a results file: ``runs.jsonl`` → ``runs.predictions.jsonl``."""
+    path = Path(results).expanduser()
+    stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+    return path.with_name(f"{stem}.predictions.jsonl")
+
+
+def prediction_records(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """One sidecar record per sample of ``row``: which run (``config_key``, method, ratio, budget, model, task), the
+    sample (``id`` in the task's order, ``meta``), ``prediction``, ``reference``, ``score`` (the task's per-sample
+    metric, named in ``metric``: the accuracy block's ``sample_metric``), the kept fraction right after the prefill
+    and after generation."""
+    metric = row.get("accuracy", {}).get("sample_metric", "score")
+    out = []
+    for index, sample in enumerate(row.get("samples") or []):
+        out.append({
+            "config_key": row.get("config_key"), "method": row.get("method"), "ratio": row.get("ratio"),
+            "budget": row.get("budget"), "model": (row.get("model") or {}).get("name"), "task": row.get("task"),
+            "id": sample.get("id", index), "meta": sample.get("meta", {}), "prediction": sample.get("prediction"),
+            "reference": sample.get("reference"), "metric": metric, "score": sample.get(metric),
+            "kept_fraction_prefill": sample.get("kept_fraction_prefill"), "kept_fraction": sample.get("kept_fraction"),
+        })
+    return out
+
+
+def read_predictions(path: str | os.PathLike[str], on_error: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The records of a predictions sidecar (bad lines skipped under one warning, as for rows)."""
+    def check(data: Any) -> str | None:
+        return None if isinstance(data, dict) and "config_key" in data and "score" in data else "not a prediction"
+
+    return _read_rows(path, check, on_error or _report)
 
 
 def _report(message: str) -> None:

@@ -121,6 +121,27 @@ def _flock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def _append_bytes(path: Path, payload: bytes) -> None:
+    """Append ``payload`` (whole lines) to ``path`` in one ``write``, fsynced; on a failed write the file is truncated
+    back to its size before (readers never see a partial line) and the ``OSError`` propagates. A torn last line
+    left by a killed writer is closed first, so the payload starts on a fresh line."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            payload = b"\n" + payload
+        try:
+            written = 0
+            while written < len(payload):
+                written += os.write(fd, payload[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
 class ResultsFile:
     """One results file with its lock, claims folder and key index (see the module docstring)."""
 
@@ -191,36 +212,37 @@ class ResultsFile:
                     claim_path.unlink()
 
     # -- after the computation ----------------------------------------------------------------------------------
-    def append(self, data: dict[str, Any], default: Callable[[Any], Any] | None = None) -> None:
+    def append(self, data: dict[str, Any], default: Callable[[Any], Any] | None = None,
+               sidecar: tuple[Path, list[dict[str, Any]]] | None = None) -> None:
         """Append one row as one line, under the file lock: a single ``write``, flushed and fsynced. A failed write
         (disk full) truncates the file back to its size before, saves the row to a rescue file and raises
         :class:`KVCompressError` naming it. A torn last line left by a killed writer stays one unreadable line: the
-        new row starts on a fresh line."""
+        new row starts on a fresh line. ``sidecar``: ``(path, records)`` appended (one line each, one write) under the
+        same lock right after the row; if that write fails the sidecar is left as it was and a warning says so (the
+        row is kept)."""
         line = (json.dumps(data, sort_keys=True, default=default) + "\n").encode("utf-8")
         with self._locked():
             self._catch_up()
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    line = b"\n" + line
-                try:
-                    written = 0
-                    while written < len(line):
-                        written += os.write(fd, line[written:])
-                    os.fsync(fd)
-                except OSError as err:
-                    os.ftruncate(fd, size)  # readers never see a partial line
-                    rescue = self._rescue(line)
-                    raise KVCompressError(
-                        f"could not append the row to {self.path} ({err.strerror or err}); the file is unchanged and "
-                        f"the row is saved in {rescue}; valid: free space, then append that line to the results file"
-                    ) from None
-            finally:
-                os.close(fd)
+                _append_bytes(self.path, line)
+            except OSError as err:
+                rescue = self._rescue(line)
+                raise KVCompressError(
+                    f"could not append the row to {self.path} ({err.strerror or err}); the file is unchanged and "
+                    f"the row is saved in {rescue}; valid: free space, then append that line to the results file"
+                ) from None
             key = data.get("config_key")
             if isinstance(key, str):
                 self._index_append([key], os.path.getsize(self.path))
+            if sidecar is not None and sidecar[1]:
+                path, records = sidecar
+                payload = b"".join((json.dumps(r, sort_keys=True, default=default) + "\n").encode("utf-8")
+                                   for r in records)
+                try:
+                    _append_bytes(path, payload)
+                except OSError as err:
+                    (self.on_error or _warn)(f"could not append {len(records)} records to {path} "
+                                             f"({err.strerror or err}); it is unchanged (the row holds them too)")
 
     def _rescue(self, line: bytes) -> str:
         for folder in (self.path.parent, Path(tempfile.gettempdir()), Path.home()):

@@ -45,7 +45,7 @@ from .latency import check_latency_config, latency_block
 from .latency.options import RUN as LATENCY_OPTIONS
 from .models import DTYPES, check_model_config, load_model, load_tokenizer
 from .registry import BASELINE, SIZE_FIELDS, available_methods, get_method, method_defaults
-from .results import Row, json_default, provenance, results_file
+from .results import Row, json_default, prediction_records, predictions_path, provenance, results_file
 
 CONFIG_DIR = Path(importlib.import_module("kvcompress.configs").__file__).parent
 GROUPS = ("method", "model", "eval")
@@ -194,9 +194,10 @@ def run_config(cfg: DictConfig) -> dict[str, Any] | None:
             return None
         row = compute_row(cfg, names, params, eval_module, key)
         if is_main_process():  # under accelerate launch, samples were split and gathered: one row, from rank 0
-            results.append(row, default=json_default)
+            sidecar = predictions_path(results.path)
+            results.append(row, default=json_default, sidecar=(sidecar, prediction_records(row)))
             if cfg.print_summary:
-                print(summary_table(row, results.path))
+                print(summary_table(row, results.path, sidecar))
     return row
 
 
@@ -237,6 +238,7 @@ def compute_row(cfg: DictConfig, names: list[str], params: dict[str, dict[str, A
     result = evaluate(model, task, make_cache, tokenizer=loaded.tokenizer)
     eval_s = time.perf_counter() - start
     accuracy = result.accuracy
+    accuracy.setdefault("sample_metric", task.primary)  # each sample's score in the predictions sidecar
     if loaded.note:
         accuracy["note"] = loaded.note
     memory = result.memory
@@ -284,7 +286,7 @@ def _eval_module(name: str) -> Any:
     return importlib.import_module(f"kvcompress.eval.{name}")
 
 
-def summary_table(row: dict[str, Any], results_path: Path) -> str:
+def summary_table(row: dict[str, Any], results_path: Path, predictions: Path | None = None) -> str:
     mem, acc = row["memory"], row["accuracy"]
     lines = [
         ("method", f"{row['method']}  ({'; '.join(mem['pipeline'])})"),
@@ -294,7 +296,8 @@ def summary_table(row: dict[str, Any], results_path: Path) -> str:
         ("context tokens", str(mem["context_tokens"])),
         ("KV dense", f"{mem['dense_bytes'] / 2**20:.3f} MiB"),
         ("KV kept", f"{mem['kept_bytes'] / 2**20:.3f} MiB  (resident {mem['resident_bytes'] / 2**20:.3f} MiB)"),
-        ("kept fraction", f"{mem['kept_fraction']:.4f}"),
+        ("kept fraction", f"{_num(mem.get('kept_fraction_prefill'), 4)} after prefill, {_num(mem['kept_fraction'], 4)} "
+                          "after generation"),
     ]
     for key, value in acc.items():
         if key not in ("task", "note") and "@d" not in key and isinstance(value, (int, float)):
@@ -303,6 +306,8 @@ def summary_table(row: dict[str, Any], results_path: Path) -> str:
         lines.append(("note", acc["note"]))
     lines += serving_lines(row.get("latency") or {})
     lines.append(("results", f"appended to {results_path}"))
+    if predictions is not None and row.get("samples"):
+        lines.append(("predictions", f"{len(row['samples'])} samples appended to {predictions}"))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
 

@@ -9,7 +9,9 @@ One renderer (:mod:`kvcompress.tables.render`: Markdown pipe tables and LaTeX bo
 the needle heatmaps), ``testbed``, ``heads``, ``layers``, ``hidden`` (per-axis needle sweeps on the constructed
 testbed), ``quant_memory`` (``scripts/quant_memory.py``'s measurement), ``fu2024`` (computed by
 :mod:`kvcompress.latency`, no rows) and ``latency_check`` (the latency model beside an independent first-principles
-count for public configs, no rows). The rows of a table are in ``paper_tables/rows/<table>.jsonl``
+count for public configs, no rows); ``errors`` (error analysis of YOUR run: the per-sample predictions sidecar of a
+results file, ``python -m kvcompress.tables errors rows=results/runs.jsonl out=DIR``; not part of ``all``). The rows
+of a table are in ``paper_tables/rows/<table>.jsonl``
 (:class:`kvcompress.results.Row`), measured by ``python -m kvcompress.sweep <table>`` (``scripts/paper_sweep.sh``
 for ``methods``); the same rows always give byte-identical files. ``perf.md`` and ``gpu.md`` are rendered by
 ``python -m kvcompress.bench`` from their own JSON and are not regenerated here.
@@ -40,6 +42,10 @@ class Spec:
     module: str
     outputs: tuple[str, ...]
     rows: bool = True
+    #: reads the per-sample predictions sidecars of the rows files (``<results>.predictions.jsonl``), not the rows
+    predictions: bool = False
+    #: rendered by ``python -m kvcompress.tables`` (all): False for tables of the user's own results
+    in_all: bool = True
 
     def write(self, rows: list[dict[str, Any]], out: Path, **options: Any) -> list[Path]:
         return importlib.import_module(f"kvcompress.tables.{self.module}").write(rows, out, **options)
@@ -56,6 +62,7 @@ TABLES: dict[str, Spec] = {
     "quant_memory": Spec("quant_memory", ("quant_memory.md",)),
     "fu2024": Spec("fu2024", ("fu2024.md", "fu2024.tex"), rows=False),
     "latency_check": Spec("latency_check", ("latency_check.md",), rows=False),
+    "errors": Spec("errors", ("errors.md",), predictions=True, in_all=False),
 }
 
 
@@ -67,7 +74,7 @@ def write_table(table: str, rows: Any = None, out: str | Path = ROOT / "paper_ta
     """Render ``table`` into ``out`` from ``rows``: a directory of ``<table>.jsonl`` files (default
     ``paper_tables/rows``), a JSONL file, or a list of files. Returns the paths written."""
     from ..errors import KVCompressError, unknown_choice
-    from ..results import read_rows
+    from ..results import predictions_path, read_predictions, read_rows
 
     if table not in TABLES:
         raise unknown_choice("table", table, TABLES)
@@ -78,11 +85,14 @@ def write_table(table: str, rows: Any = None, out: str | Path = ROOT / "paper_ta
     if spec.rows:
         paths = [Path(p) for p in ([rows] if isinstance(rows, (str, Path)) else list(rows or [ROOT / "paper_tables" / "rows"]))]
         paths = [rows_file(table, p) if p.is_dir() else p for p in paths]
+        if spec.predictions:
+            paths = [p if p.name.endswith(".predictions.jsonl") else predictions_path(p) for p in paths]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
-            raise KVCompressError(f"rows file {missing[0]!r} does not exist; valid: a JSONL results file (or a directory "
-                                  f"with {table}.jsonl)")
-        found = [row for p in paths for row in read_rows(p)]
+            what = "a predictions sidecar (<results>.predictions.jsonl, or its results file)" if spec.predictions \
+                else f"a JSONL results file (or a directory with {table}.jsonl)"
+            raise KVCompressError(f"rows file {missing[0]!r} does not exist; valid: {what}")
+        found = [row for p in paths for row in (read_predictions(p) if spec.predictions else read_rows(p))]
         if not found:
             raise KVCompressError(f"no readable rows for table {table!r} in {', '.join(map(str, paths))}")
     options = {"name": name} if table == "methods" and name else {}
@@ -91,7 +101,7 @@ def write_table(table: str, rows: Any = None, out: str | Path = ROOT / "paper_ta
 
 def write_all(rows: str | Path = ROOT / "paper_tables" / "rows", out: str | Path = ROOT / "paper_tables") -> list[Path]:
     """Every table of :data:`TABLES` from ``rows/<table>.jsonl`` into ``out``."""
-    return [path for table in TABLES for path in write_table(table, rows, out)]
+    return [path for table, spec in TABLES.items() if spec.in_all for path in write_table(table, rows, out)]
 
 
 def _command(table: str | None):
