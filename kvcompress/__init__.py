@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from .api import SUPPORTED_ARCHITECTURES, attach, build_pipeline, compress  # noqa: E402
+from .api import SUPPORTED_ARCHITECTURES, Attachment, attach, attached, build_pipeline, compress  # noqa: E402
 from .cache import KVCompressCache  # noqa: E402
 from .compressor import Axis, Compressor
 from .errors import KVCompressError  # noqa: E402
@@ -16,11 +16,13 @@ from .registry import available_methods, register
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
+    "Attachment",
     "Axis",
     "Compressor",
     "KVCompressCache",
     "KVCompressError",
     "attach",
+    "attached",
     "available_methods",
     "build_pipeline",
     "compress",

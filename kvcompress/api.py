@@ -10,7 +10,8 @@ Attachment uses transformers' own extension points only — no model forward is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -76,25 +77,75 @@ def check_architecture(model_or_config: Any) -> None:
         raise unknown_choice("architecture (config.model_type)", model_type, SUPPORTED_ARCHITECTURES)
 
 
-def attach(model: torch.nn.Module) -> None:
-    """Switch ``model`` to the ``"kvcompress"`` attention (a no-op for any cache but ours)."""
+class Attachment:
+    """What :func:`attach` changed on a model, and how to undo it: the attention implementation it replaced and the
+    forward pre-hooks it registered. ``detach()`` restores both (kvpress's ``with press(model):`` habit); used as a
+    context manager, it detaches on exit."""
+
+    def __init__(self, model: torch.nn.Module, previous: str | None):
+        self.model, self.previous = model, previous
+        self.hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.attached = True
+
+    def detach(self) -> None:
+        """Restore the model's attention implementation and remove every hook (idempotent)."""
+        if not self.attached:
+            return
+        for hook in self.hooks:
+            hook.remove()
+        for module in self.model.modules():
+            module.__dict__.pop("_kvc_hooked", None)
+            module.__dict__.pop("_kvc_hidden_states", None)
+        if self.model.config._attn_implementation == ATTENTION_NAME:
+            self.model.set_attn_implementation(self.previous or "sdpa")
+        self.model.__dict__.pop("_kvc_attachment", None)
+        self.attached = False
+
+    def __enter__(self) -> Attachment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+def attach(model: torch.nn.Module) -> Attachment:
+    """Switch ``model`` to the ``"kvcompress"`` attention (a no-op for any cache but ours) and register the hooks the
+    methods use; returns the model's :class:`Attachment` (``.detach()`` undoes it). Attaching an attached model
+    returns its existing attachment."""
     check_architecture(model)
+    current = model.config._attn_implementation
+    if current not in (None, "sdpa", "eager", ATTENTION_NAME):
+        raise KVCompressError(
+            f"attn_implementation={current!r} is not supported; valid: sdpa or eager (kvcompress uses sdpa kernels)"
+        )
     register_attention()
+    handle = model.__dict__.get("_kvc_attachment")
+    if handle is None or not handle.attached:
+        handle = Attachment(model, current if current != ATTENTION_NAME else None)
+        model.__dict__["_kvc_attachment"] = handle
     for module in model.modules():
         if hasattr(module, "layer_idx") and hasattr(module, "o_proj") and not getattr(module, "_kvc_hooked", False):
-            module.register_forward_pre_hook(_remember_hidden_states, with_kwargs=True)
+            handle.hooks.append(module.register_forward_pre_hook(_remember_hidden_states, with_kwargs=True))
             module._kvc_hooked = True
     from .artifacts import remember_model
 
     remember_model(model)  # every attach: artifacts.model_of(attention module) finds this model
-    current = model.config._attn_implementation
-    if current == ATTENTION_NAME:
-        return
-    if current not in (None, "sdpa", "eager"):
-        raise KVCompressError(
-            f"attn_implementation={current!r} is not supported; valid: sdpa or eager (kvcompress uses sdpa kernels)"
-        )
-    model.set_attn_implementation(ATTENTION_NAME)
+    if current != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+    return handle
+
+
+@contextlib.contextmanager
+def attached(model: torch.nn.Module) -> Iterator[Attachment]:
+    """``with kvcompress.attached(model): ...`` — the model runs kvcompress's attention inside the block and is
+    restored on exit (its attention implementation and hooks), unless it was already attached before the block."""
+    was = model.__dict__.get("_kvc_attachment")
+    handle = attach(model)
+    try:
+        yield handle
+    finally:
+        if was is None or not was.attached:
+            handle.detach()
 
 
 MethodSpec = str | Compressor | Sequence[str | Compressor]
