@@ -3,14 +3,22 @@
 A method's axis is the folder it lives in (``methods/layer/``, ``head/``, ``token/``, ``hidden/``; the baseline
 ``full`` at the top has none): :func:`discover` imports every module there once and checks that each registered
 class declares its folder's axis. Methods registered from a user's own module (``@register`` on import) are used
-the same way, wherever the module lives.
+the same way, wherever the module lives; the CLIs find them as plugins (:func:`load_plugins`):
+
+* ``method=mypkg.mymod:MyMethod`` (a ``Compressor`` dataclass; registered under its ``name`` on first use);
+* modules named in ``$KVCOMPRESS_PLUGINS`` (comma-separated), imported by :func:`discover`;
+* the entry-point group ``kvcompress.methods`` of installed distributions (``[project.entry-points."kvcompress.methods"]
+  mine = "mypkg.mymod"``), imported by :func:`discover`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
+import re
+from importlib.metadata import entry_points
 from typing import Any
 
 from .compressor import Axis, Compressor
@@ -21,6 +29,10 @@ REGISTRY: dict[str, type[Compressor]] = {}
 BASELINE = "full"
 #: fields every runner sets itself (top-level ``ratio=`` / ``budget=``), left out of a method's own configuration
 SIZE_FIELDS = ("ratio", "budget")
+#: entry-point group and environment variable naming modules that register methods (plugins)
+PLUGIN_GROUP, PLUGIN_ENV = "kvcompress.methods", "KVCOMPRESS_PLUGINS"
+#: ``module:Class`` — a method class given by where it lives
+REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _discovered = False
 
 
@@ -44,9 +56,47 @@ def discover() -> None:
     for info in pkgutil.walk_packages(root.__path__, root.__name__ + "."):
         if not info.name.endswith(".__main__"):
             importlib.import_module(info.name)
+    _discovered = True
+    load_plugins()
     for cls in REGISTRY.values():
         check_axis(cls)
-    _discovered = True
+
+
+def _import(module: str, source: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except Exception as err:  # noqa: BLE001 - any failure of a user's module is one line naming it
+        raise KVCompressError(f"plugin module {module!r} ({source}) cannot be imported ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); valid: an importable module on "
+                              "sys.path / PYTHONPATH that registers methods with @kvcompress.register") from None
+
+
+def load_plugins() -> None:
+    """Import the modules of the ``kvcompress.methods`` entry points and of ``$KVCOMPRESS_PLUGINS``: their
+    ``@register`` classes become methods like the built-in ones."""
+    for point in entry_points(group=PLUGIN_GROUP):
+        _import(point.value.partition(":")[0], f"entry point {point.name!r}")
+    for module in os.environ.get(PLUGIN_ENV, "").split(","):
+        if module.strip():
+            _import(module.strip(), f"${PLUGIN_ENV}")
+
+
+def resolve_reference(reference: str) -> str:
+    """``"mypkg.mymod:MyMethod"`` → the method's registered name (the class is registered on first use)."""
+    discover()
+    module, _, attr = reference.partition(":")
+    cls = getattr(_import(module, f"method={reference}"), attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Compressor) and dataclasses.is_dataclass(cls) and cls.name):
+        raise KVCompressError(f"method={reference!r}: {module} has no method class {attr!r}; valid: a Compressor "
+                              "dataclass with a `name` (see kvcompress.compressor)")
+    if REGISTRY.get(cls.name) is not cls:
+        register(cls)
+    return cls.name
+
+
+def resolve_references(text: str) -> str:
+    """Every ``module:Class`` in ``text`` (a ``method=`` value: ``snapkv+mymod:Mine``) replaced by its name."""
+    return REFERENCE.sub(lambda m: resolve_reference(m.group(0)), text)
 
 
 def check_axis(cls: type[Compressor]) -> None:
@@ -68,6 +118,8 @@ def available_methods() -> list[str]:
 
 def get_method(name: str) -> type[Compressor]:
     discover()
+    if REFERENCE.fullmatch(name):
+        name = resolve_reference(name)
     if name not in REGISTRY:
         raise unknown_choice("method", name, REGISTRY)
     return REGISTRY[name]

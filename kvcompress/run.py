@@ -44,7 +44,7 @@ from .eval.loop import evaluate
 from .latency import check_latency_config, latency_block
 from .latency.options import RUN as LATENCY_OPTIONS
 from .models import DTYPES, check_model_config, load_model, load_tokenizer
-from .registry import BASELINE, SIZE_FIELDS, available_methods, get_method, method_defaults
+from .registry import BASELINE, SIZE_FIELDS, available_methods, get_method, method_defaults, resolve_references
 from .results import Row, json_default, prediction_records, predictions_path, provenance, results_file
 
 CONFIG_DIR = Path(importlib.import_module("kvcompress.configs").__file__).parent
@@ -75,6 +75,9 @@ def preflight(argv: list[str]) -> list[str]:
     """Validate command-line overrides with one-line errors before Hydra sees them; rewrite ``method=a+b``."""
     from .cli import preflight as check_overrides
 
+    # method=mypkg.mod:MyMethod (a user's method class): imported and registered, then named as any other method
+    argv = [f"{a.partition('=')[0]}={resolve_references(a.partition('=')[2])}" if a.lstrip("+").startswith("method=")
+            else a for a in argv]
     out = check_overrides(argv, CONFIG_DIR / "config.yaml", groups=GROUPS, options=group_options,
                           plus_lists=("method",))
     sized = check_method_overrides([a for a in out if not a.startswith("-") and "=" in a])
