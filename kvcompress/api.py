@@ -241,11 +241,12 @@ def applied(pipeline: Sequence[Compressor], ratio: float | None = None,
     out = []
     for comp in pipeline:
         fields = {f.name: getattr(comp, f.name) for f in dataclasses.fields(comp) if f.init}
+        size_ratio, size_budget = fields.pop("ratio", None), fields.pop("budget", None)
         out.append({
             "name": comp.name,
             "axis": comp.axis.value if comp.axis is not None else None,
-            "ratio": fields.pop("ratio", None),
-            "budget": fields.pop("budget", None),
+            "ratio": None if size_budget is not None else size_ratio,  # a budget replaces the ratio
+            "budget": size_budget,
             "params": {k: v for k, v in fields.items() if isinstance(v, (str, int, float, bool, list, type(None)))},
             "not_applied": [k for k, v in (("ratio", ratio), ("budget", budget))
                             if v is not None and k not in {f.name for f in dataclasses.fields(comp)}],
