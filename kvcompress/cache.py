@@ -124,6 +124,23 @@ class KVCompressCache(Cache):
     def effective_bits(self, split: list[tuple[float, float]] | None = None) -> list[float]:
         return accounting.effective_bits(self, split)
 
+    def crop(self, max_length: int) -> None:
+        """Drop the newest positions so that ``max_length`` remain (negative: drop ``-max_length``), as
+        ``DynamicCache.crop``: possible for tokens appended after the compression (a question, decoded tokens), not
+        into the compressed prompt, and not while a token method evicts during decoding (its state follows the
+        entries). Checked on every layer before any changes."""
+        decoding = [c.name for c in self.compressors if c.active("decode") and c.axis is not Axis.HIDDEN]
+        if decoding and any(layer.logical > (layer.logical + max_length if max_length < 0 else max_length)
+                            for layer in self.layers):
+            raise KVCompressError(f"cannot crop a cache whose {decoding[0]!r} evicts while decoding (its scores follow "
+                                  "the entries); valid: a copy taken before the tokens to drop (copy.deepcopy(cache))")
+        for layer in self.layers:
+            why = layer.croppable(max_length)
+            if why is not None:
+                layer.crop(max_length)  # raises with the reason
+        for layer in self.layers:
+            layer.crop(max_length)
+
     def note_prefill(self) -> None:
         """Record :attr:`kept_fraction_prefill` (called when the last layer's prefill is stored and compressed;
         host metadata only, no device read)."""

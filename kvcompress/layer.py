@@ -78,6 +78,7 @@ class KVCompressLayer(CacheLayerMixin):
         self.pad: list[int] | None = None  # left-padding per row, from the prefill mask
         self.positions: torch.Tensor | None = None  # (batch, kv_heads, capacity) logical position of each buffer slot
         self.slots_ordered = True  # False once a decode-time eviction moved entries in place
+        self.compressed_at = 0  # logical length when the layer's content was last selected (store / compact)
         self.state: dict[str, Any] = {}
         self.pending: tuple[Any, ...] | None = None  # deferred prefill selection (cross-layer compressors)
         self._returned_key: torch.Tensor | None = None
@@ -179,7 +180,35 @@ class KVCompressLayer(CacheLayerMixin):
         self.length = self.logical = 0
         self.pristine, self.segments, self.ragged, self.pad, self.positions, self.state = True, [], None, None, None, {}
         self.slots_ordered = True
+        self.compressed_at = 0
         self.pending = self._returned_key = None
+
+    def croppable(self, max_length: int) -> str | None:
+        """Why :meth:`crop` to ``max_length`` is impossible, or None. Only entries appended after the layer's last
+        selection can be removed: they are the newest slots of the dense buffer, in order, for every pair."""
+        target = self.logical + max_length if max_length < 0 else max_length
+        drop = self.logical - target
+        if drop <= 0 or not self.is_initialized:
+            return None
+        if target < self.compressed_at:
+            return (f"layer {self.layer_idx} was compressed at {self.compressed_at} positions; only later tokens can be "
+                    "cropped")
+        if drop > self.length:
+            return f"layer {self.layer_idx} holds only its newest {self.length} tokens in full precision"
+        return None
+
+    def crop(self, max_length: int) -> None:
+        """``DynamicCache.crop``: keep the first ``max_length`` positions (negative: drop ``-max_length``). Raises
+        :class:`KVCompressError` where it is impossible (:meth:`croppable`)."""
+        why = self.croppable(max_length)
+        if why is not None:
+            raise KVCompressError(f"cannot crop to {max_length}: {why}; valid: max_length >= {self.compressed_at} "
+                                  "(or a copy of the cache taken before the tokens to drop: copy.deepcopy(cache))")
+        target = self.logical + max_length if max_length < 0 else max_length
+        drop = self.logical - target
+        if drop > 0 and self.is_initialized:
+            self.length -= drop
+            self.logical -= drop
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -326,6 +355,7 @@ class KVCompressLayer(CacheLayerMixin):
         if view.positions is not None and self._tracks_positions:
             flat_pos = view.positions[keep].to(POSITION_DTYPE)
         self.pristine, self.slots_ordered = False, True
+        self.compressed_at = self.logical
         self.segments, self.ragged = [], None
         if bool((counts == counts[0]).all()):
             c = int(counts[0])
@@ -366,6 +396,7 @@ class KVCompressLayer(CacheLayerMixin):
             buf[:, :, :n].scatter_(2, dest if buf.dim() == 3 else dest.unsqueeze(-1).expand_as(index), moved)
         self.length = n - drop
         self.slots_ordered = self.pristine = False
+        self.compressed_at = self.logical
 
     # -- attention ------------------------------------------------------------------------------------------
     def attend(
