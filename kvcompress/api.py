@@ -29,7 +29,7 @@ ATTENTION_NAME = "kvcompress"
 
 #: ``config.model_type`` values whose attention follows the update-then-attend flow we rely on (tested with tiny
 #: random configs of each in tests/test_equivalence.py and tests/test_streaming.py, from tests/tiny_models.py).
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def kvcompress_attention(

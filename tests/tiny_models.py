@@ -8,7 +8,7 @@ import torch
 
 from kvcompress.models import random_model
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 _COMMON = dict(
     vocab_size=256,
@@ -27,6 +27,12 @@ _EXTRA = {
     "mistral": dict(sliding_window=None),
     "qwen2": dict(sliding_window=None, use_sliding_window=False),
     "qwen3": dict(sliding_window=None, use_sliding_window=False),
+    # MoE: the attention is Llama-like, the experts only change the MLP
+    "mixtral": dict(sliding_window=None, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(sliding_window=None, use_sliding_window=False, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    "qwen3_moe": dict(sliding_window=None, use_sliding_window=False, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32),
 }
 
 
