@@ -249,7 +249,8 @@ class Codec:
       out, called in that order, so attention need not reconstruct the block (low-rank coefficients and pruned
       channels are read as stored; quantized keys, then values, are dequantized into one workspace buffer);
     * ``joinable`` — :meth:`concat` ``(later) -> Codec | None`` joins a later block of the same (row, head) pairs, so
-      decoding keeps one block per pair group instead of one per flush.
+      decoding keeps one block per pair group instead of one per flush;
+    * :meth:`select` ``(index) -> Codec`` — the block's pairs ``index`` still encoded (beam search); the base refuses.
     """
 
     attends_directly: ClassVar[bool] = False
@@ -274,6 +275,11 @@ class Codec:
 
     def concat(self, later: Codec) -> Codec | None:
         raise NotImplementedError(f"{type(self).__name__} cannot join blocks")
+
+    def select(self, index: torch.Tensor) -> Codec:
+        """The block's pairs ``index`` ``(k,)`` long (repeats allowed), still encoded: beam search re-orders rows."""
+        raise KVCompressError(f"beam search / batch re-indexing of a {type(self).__name__} block is not supported; "
+                              "valid: num_beams=1 with this method, or a codec that implements Codec.select")
 
 
 @dataclass

@@ -214,14 +214,29 @@ class KVCompressLayer(CacheLayerMixin):
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.segments or self.ragged is not None:
-            raise KVCompressError("beam search / batch re-indexing is not supported on a ragged or encoded layer")
-        if self.is_initialized:
+        """Rows ``indices`` of the layer, in that order (beam search's reorder; rows may repeat): dense buffers are
+        indexed; ragged entries are re-packed for the new rows; encoded blocks keep their encoding, re-indexed by
+        their codec (:meth:`~kvcompress.compressor.Codec.select`). Reads ``indices`` on the host for the last two
+        (beam search already synchronises every step)."""
+        if not self.is_initialized:
+            return
+        host = indices.tolist() if (self.segments or self.ragged is not None or self.pad is not None) else None
+        segments = [_select_rows(seg, host, self.keys.shape[1]) for seg in self.segments]
+        if self.ragged is not None:
+            view = views.rectangle(self, include_encoded=False)  # ragged entries + buffer, in position order
+            rows = indices.to(view.keys.device)
+            selected = LayerView(view.keys[rows], view.values[rows], view.valid[rows],
+                                 view.positions[rows] if view.positions is not None else None)
+            compressed_at = self.compressed_at
+            self.store(selected)
+            self.compressed_at = compressed_at
+        else:
             self.keys, self.values = self.keys[indices], self.values[indices]
             if self.positions is not None:
                 self.positions = self.positions[indices]
-            if self.pad is not None:
-                self.pad = [self.pad[i] for i in indices.tolist()]
+        self.segments = segments
+        if self.pad is not None:
+            self.pad = [self.pad[i] for i in host]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.batch_select_indices(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
@@ -418,3 +433,19 @@ class KVCompressLayer(CacheLayerMixin):
             mask = causal[None, None] if causal is not None else None
             return sdpa_attention_forward(module, query, keys, values, mask, scaling=scaling, is_causal=False)[0]
         return merged_attention(query, self, causal, scaling)
+
+
+def _select_rows(seg: Segment, rows: list[int], kv_heads: int) -> Segment:
+    """An encoded block for new rows ``rows`` (new row ``r`` takes old row ``rows[r]``'s pairs), its codec indexed by
+    pair (:meth:`~kvcompress.compressor.Codec.select`), pairs ordered by new row."""
+    old = [(i, pair // kv_heads, pair % kv_heads) for i, pair in enumerate(seg.pairs)]
+    chosen = [(i, new_row, head) for new_row, source in enumerate(rows) for i, row, head in old if row == source]
+    device = seg.rows.device
+    index = torch.tensor([i for i, _, _ in chosen], dtype=torch.long, device=device)
+    return Segment(
+        rows=torch.tensor([r for _, r, _ in chosen], dtype=torch.long, device=device),
+        heads=torch.tensor([h for _, _, h in chosen], dtype=torch.long, device=device),
+        codec=seg.codec.select(index), count=seg.count, pairs=tuple(r * kv_heads + h for _, r, h in chosen),
+        positions=seg.positions[index] if seg.positions is not None else None,
+    )
+

@@ -70,6 +70,12 @@ class QuantCodec(Codec):
         return cls(bits, group, keys.dtype, (keys.shape[-1], values.shape[-1]),
                    pack(k_codes, bits), k_scale, k_min, pack(v_codes, bits), v_scale, v_min)
 
+    def select(self, index: torch.Tensor) -> QuantCodec:
+        """Pairs ``index`` of the block (every tensor is per pair along dim 0): still packed, no re-quantization."""
+        pick = [t.index_select(0, index) for t in (self.k_packed, self.k_scale, self.k_min, self.v_packed,
+                                                   self.v_scale, self.v_min)]
+        return QuantCodec(self.bits, self.group, self.dtype, self.dims, *pick)
+
     def _dequantized(self, part: str, workspace: Workspace | None) -> torch.Tensor:
         """Keys (``part="k"``) or values (``"v"``) in float32; with a workspace, in its single ``"block"`` buffer."""
         packed, scale, minimum, dim, d = (
