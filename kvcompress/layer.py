@@ -220,6 +220,10 @@ class KVCompressLayer(CacheLayerMixin):
         (beam search already synchronises every step)."""
         if not self.is_initialized:
             return
+        held = [name for name, entry in self.state.items() if any(True for _ in state_tensors(entry))]
+        if held:
+            raise KVCompressError(f"beam search / batch re-indexing with {held[0]!r} keeping per-entry state while "
+                                  "decoding (phase=decode) is not supported; valid: num_beams=1, or phase=prefill")
         host = indices.tolist() if (self.segments or self.ragged is not None or self.pad is not None) else None
         segments = [_select_rows(seg, host, self.keys.shape[1]) for seg in self.segments]
         if self.ragged is not None:
