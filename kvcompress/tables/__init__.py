@@ -54,7 +54,7 @@ class Spec:
 #: Every table under paper_tables/ that is rendered from rows (or computed, for fu2024), by name.
 TABLES: dict[str, Spec] = {
     "methods": Spec("methods", ("methods.md", "methods.tex", "methods_axes.md", "methods_pareto.png",
-                                "methods_needle.png")),
+                                "methods_pareto.pdf", "methods_needle.png", "methods_needle.pdf")),
     "testbed": Spec("testbed", ("testbed.md",)),
     "heads": Spec("heads", ("heads.md",)),
     "layers": Spec("layers", ("layers.md",)),
