@@ -96,6 +96,9 @@ class KVCompressLM(HFLM):
         kvcompress.attach(self.model)
         prepare(self.model, pipeline, self.tokenizer)  # per-model set-up (head scores, low-rank bases), as the run CLI
         self.last_cache: kvcompress.KVCompressCache | None = None
+        #: memory totals over every cache finished so far (:meth:`memory_summary`)
+        self._kvc_totals = {"caches": 0, "kept_bytes": 0, "dense_bytes": 0, "prefill_fraction_sum": 0.0}
+        self._kvc_counted: kvcompress.KVCompressCache | None = None
         self._kvc_cont_len: int | None = None
         self._kvc_warned_batch = False
 
@@ -105,12 +108,39 @@ class KVCompressLM(HFLM):
             self.model, self.kvc_method, ratio=self.kvc_ratio, budget=self.kvc_budget,
             params=copy.deepcopy(self.kvc_params), tokenizer=self.tokenizer,
         )
+        self._account(self.last_cache)  # the previous request is finished: count what its cache held
         self.last_cache = cache
         return cache
 
+    def _account(self, cache: kvcompress.KVCompressCache | None) -> None:
+        if cache is None or cache is self._kvc_counted:  # each cache once
+            return
+        self._kvc_counted = cache
+        report = cache.memory_report()
+        if report["empty"]:
+            return
+        totals = self._kvc_totals
+        totals["caches"] += 1
+        totals["kept_bytes"] += report["kept_bytes"]
+        totals["dense_bytes"] += report["dense_bytes"]
+        totals["prefill_fraction_sum"] += report["kept_fraction_prefill"] or 0.0
+
+    def memory_summary(self) -> dict[str, Any]:
+        """Over every request evaluated so far: how many caches, the bytes they held and a dense cache would have
+        held (at the end of each request), kept / dense, and the mean kept fraction right after each prefill."""
+        self._account(self.last_cache)
+        totals = self._kvc_totals
+        n, dense = totals["caches"], totals["dense_bytes"]
+        return {"kvcompress_caches": n, "kvcompress_kept_bytes": totals["kept_bytes"], "kvcompress_dense_bytes": dense,
+                "kvcompress_kept_fraction": totals["kept_bytes"] / dense if dense else None,
+                "kvcompress_kept_fraction_prefill": totals["prefill_fraction_sum"] / n if n else None}
+
     def get_model_info(self) -> dict:
+        """lm-eval puts this in its results' ``config``: the method, its ratio / budget, and the memory the compressed
+        caches held over the whole evaluation (:meth:`memory_summary`)."""
         info = super().get_model_info()
-        info.update(kvcompress_method=self.kvc_method, kvcompress_ratio=self.kvc_ratio, kvcompress_budget=self.kvc_budget)
+        info.update(kvcompress_method=self.kvc_method, kvcompress_ratio=self.kvc_ratio, kvcompress_budget=self.kvc_budget,
+                    **self.memory_summary())
         return info
 
     # -- generation -----------------------------------------------------------------------------------------------

@@ -91,6 +91,12 @@ def test_loglikelihood_goes_through_compressed_cache(kvlm, testbed_dir, full_lm)
     assert len(reqs[2][2]) == 1 and ours[2][0] == pytest.approx(full[2][0], abs=1e-4)
     # later continuation tokens attend to the compressed context: the needle's second token is no longer found
     assert ours[0][0] < full[0][0] - 1.0
+    # lm-eval's results config gets the memory over every request (one cache each)
+    info = lm.get_model_info()
+    assert info["kvcompress_method"] == "streaming" and info["kvcompress_caches"] == len(reqs)
+    assert 0 < info["kvcompress_kept_bytes"] < 0.5 * info["kvcompress_dense_bytes"]
+    assert info["kvcompress_kept_fraction"] == pytest.approx(info["kvcompress_kept_bytes"] / info["kvcompress_dense_bytes"])
+    assert 0.2 < info["kvcompress_kept_fraction_prefill"] < 0.35
 
 
 def test_cli_entry_point(kvlm, testbed_dir, tmp_path, monkeypatch, capsys):
@@ -121,6 +127,7 @@ def test_simple_evaluate_with_instance(full_lm, monkeypatch):
     )
     assert res["results"]["kvc_tiny_gen"]["exact_match,first_word"] == 1.0  # full cache: the testbed copies needles
     assert full_lm.last_cache is not None and full_lm.last_cache.memory_report()["kept_fraction"] == 1.0
+    assert res["config"]["kvcompress_method"] == "full" and res["config"]["kvcompress_kept_fraction"] == 1.0
 
 
 def test_continuation_logits_equal_teacher_forced_decoding(kvlm, testbed_dir):
