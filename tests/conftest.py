@@ -21,3 +21,16 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    """A module's own ``$KVCOMPRESS_CACHE`` (empty artifact folder), restored afterwards."""
+    root = tmp_path_factory.mktemp("kvc_cache")
+    old = os.environ.get("KVCOMPRESS_CACHE")
+    os.environ["KVCOMPRESS_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("KVCOMPRESS_CACHE", None)
+    else:
+        os.environ["KVCOMPRESS_CACHE"] = old

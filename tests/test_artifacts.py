@@ -35,18 +35,6 @@ PROBES = {"lengths": [256], "depths": [0.5]}  # one needle probe: enough for the
 
 
 @pytest.fixture(scope="module")
-def cache_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kvc_cache")
-    old = os.environ.get("KVCOMPRESS_CACHE")
-    os.environ["KVCOMPRESS_CACHE"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("KVCOMPRESS_CACHE", None)
-    else:
-        os.environ["KVCOMPRESS_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
 def testbed(cache_root):
     path = zoo.testbed_path()
     model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa").eval()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import warnings
 
@@ -28,18 +27,6 @@ from kvcompress.methods.head.scores import (
     weights_fingerprint,
 )
 from kvcompress.ragged import index_bytes
-
-
-@pytest.fixture(scope="module")
-def cache_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kvc_cache")
-    old = os.environ.get("KVCOMPRESS_CACHE")
-    os.environ["KVCOMPRESS_CACHE"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("KVCOMPRESS_CACHE", None)
-    else:
-        os.environ["KVCOMPRESS_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
