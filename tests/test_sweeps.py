@@ -174,12 +174,17 @@ def test_method_table_has_one_line_per_configuration_with_a_column_per_eval(tmp_
     assert (tmp_path / "out" / "methods_pareto.png").stat().st_size > 0 and tmp_path / "out" / "methods_pareto.png" in paths
 
 
-def test_pareto_styles_are_distinct_for_many_series() -> None:
-    import matplotlib
+def test_figure_styles_front_and_intervals() -> None:
+    from kvcompress.tables.figures import AXIS_COLORS, pareto_front, sample_interval
 
-    colors = matplotlib.colormaps["tab20"].N
-    styles = {(i % colors, MARKERS[i % len(MARKERS)], LINESTYLES[i % len(LINESTYLES)]) for i in range(60)}
-    assert len(styles) == 60
+    # within a family (one colour) markers × line styles tell 28 methods apart; families have their own colours
+    assert len({(MARKERS[i % len(MARKERS)], LINESTYLES[(i // len(MARKERS)) % len(LINESTYLES)]) for i in range(28)}) == 28
+    assert len(set(AXIS_COLORS.values())) == len(AXIS_COLORS)
+    points = [(0.1, 0.2), (0.2, 0.1), (0.25, 0.6), (0.5, 0.6), (0.5, 0.9), (1.0, 0.9)]
+    assert pareto_front(points) == [(0.1, 0.2), (0.25, 0.6), (0.5, 0.9)]
+    row = {"accuracy": {"sample_metric": "exact_match"}, "samples": [{"exact_match": x} for x in (1, 0, 1, 1)]}
+    low, high = sample_interval(row, 0.75)
+    assert 0.0 <= low < 0.75 < high <= 1.0 and sample_interval(row, 0.5) is None  # another scale: no bars
 
 
 @pytest.fixture(scope="module")

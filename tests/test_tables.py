@@ -76,7 +76,8 @@ def test_one_renderer_for_markdown_and_latex() -> None:
     assert tex("**bold** a_b") == "bold a\\_b"
 
 
-@pytest.mark.parametrize("module", ["kvcompress.latency.fu2024", "kvcompress.tables.methods"])
+@pytest.mark.parametrize("module", ["kvcompress.latency.fu2024", "kvcompress.tables.methods",
+                                    "kvcompress.tables.figures"])
 def test_no_second_renderer(module: str) -> None:
     """Table modules compute their numbers and render through kvcompress.tables.render."""
     import importlib

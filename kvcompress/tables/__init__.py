@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ..constraints import AnyOf, ExistingPath, FileName, ListOf, Optional, OutputDir
-from .methods import ACCURACY_COLUMNS, LINESTYLES, MARKERS, generate, headline, headline_key, latest_rows
+from .figures import LINESTYLES, MARKERS
+from .methods import ACCURACY_COLUMNS, generate, headline, headline_key, latest_rows
 from .render import Table, latex, latex_lines, markdown, markdown_sections, tex
 
 ROOT = Path(__file__).resolve().parents[2]
