@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 import kvcompress
-from kvcompress.bench import gpu
+from kvcompress.bench import gpu, gpu_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 STUB = ROOT / "paper_tables" / "gpu.md"
@@ -123,7 +123,8 @@ def test_a_raising_method_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch)
             raise RuntimeError("boom\nsecond line")
         return real(model, variant, ratio)
 
-    monkeypatch.setattr(gpu, "make_cache", make_cache)
+    for module in (gpu, gpu_parts):  # gpu: the warm-up before part b; gpu_parts: parts b-d
+        monkeypatch.setattr(module, "make_cache", make_cache)
     out = tmp_path / "gpu.md"
     assert gpu.main(["smoke=true", f"out={out}", "methods=[knorm,full]", "parts=[methods,prefill]"]) == 1
     data = json.loads(out.with_suffix(".json").read_text())
