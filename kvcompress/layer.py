@@ -42,7 +42,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import encoding, views
+from . import encoding, reindex, views
 from .attention import decode_attention, merged_attention
 from .compressor import CompressionContext, HiddenCompressor, LayerView
 from .errors import KVCompressError
@@ -184,63 +184,19 @@ class KVCompressLayer(CacheLayerMixin):
         self.pending = self._returned_key = None
 
     def croppable(self, max_length: int) -> str | None:
-        """Why :meth:`crop` to ``max_length`` is impossible, or None. Only entries appended after the layer's last
-        selection can be removed: they are the newest slots of the dense buffer, in order, for every pair."""
-        target = self.logical + max_length if max_length < 0 else max_length
-        drop = self.logical - target
-        if drop <= 0 or not self.is_initialized:
-            return None
-        if target < self.compressed_at:
-            return (f"layer {self.layer_idx} was compressed at {self.compressed_at} positions; only later tokens can be "
-                    "cropped")
-        if drop > self.length:
-            return f"layer {self.layer_idx} holds only its newest {self.length} tokens in full precision"
-        return None
+        """Why :meth:`crop` to ``max_length`` is impossible, or None (:func:`kvcompress.reindex.croppable`)."""
+        return reindex.croppable(self, max_length)
 
     def crop(self, max_length: int) -> None:
-        """``DynamicCache.crop``: keep the first ``max_length`` positions (negative: drop ``-max_length``). Raises
-        :class:`KVCompressError` where it is impossible (:meth:`croppable`)."""
-        why = self.croppable(max_length)
-        if why is not None:
-            raise KVCompressError(f"cannot crop to {max_length}: {why}; valid: max_length >= {self.compressed_at} "
-                                  "(or a copy of the cache taken before the tokens to drop: copy.deepcopy(cache))")
-        target = self.logical + max_length if max_length < 0 else max_length
-        drop = self.logical - target
-        if drop > 0 and self.is_initialized:
-            self.length -= drop
-            self.logical -= drop
+        """``DynamicCache.crop``: keep the first ``max_length`` positions (:func:`kvcompress.reindex.crop`)."""
+        reindex.crop(self, max_length)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Rows ``indices`` of the layer, in that order (beam search's reorder; rows may repeat): dense buffers are
-        indexed; ragged entries are re-packed for the new rows; encoded blocks keep their encoding, re-indexed by
-        their codec (:meth:`~kvcompress.compressor.Codec.select`). Reads ``indices`` on the host for the last two
-        (beam search already synchronises every step)."""
-        if not self.is_initialized:
-            return
-        held = [name for name, entry in self.state.items() if any(True for _ in state_tensors(entry))]
-        if held:
-            raise KVCompressError(f"beam search / batch re-indexing with {held[0]!r} keeping per-entry state while "
-                                  "decoding (phase=decode) is not supported; valid: num_beams=1, or phase=prefill")
-        host = indices.tolist() if (self.segments or self.ragged is not None or self.pad is not None) else None
-        segments = [_select_rows(seg, host, self.keys.shape[1]) for seg in self.segments]
-        if self.ragged is not None:
-            view = views.rectangle(self, include_encoded=False)  # ragged entries + buffer, in position order
-            rows = indices.to(view.keys.device)
-            selected = LayerView(view.keys[rows], view.values[rows], view.valid[rows],
-                                 view.positions[rows] if view.positions is not None else None)
-            compressed_at = self.compressed_at
-            self.store(selected)
-            self.compressed_at = compressed_at
-        else:
-            self.keys, self.values = self.keys[indices], self.values[indices]
-            if self.positions is not None:
-                self.positions = self.positions[indices]
-        self.segments = segments
-        if self.pad is not None:
-            self.pad = [self.pad[i] for i in host]
+        """Rows ``indices`` of the layer, in that order (:func:`kvcompress.reindex.batch_select_indices`)."""
+        reindex.batch_select_indices(self, indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.batch_select_indices(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
@@ -437,19 +393,3 @@ class KVCompressLayer(CacheLayerMixin):
             mask = causal[None, None] if causal is not None else None
             return sdpa_attention_forward(module, query, keys, values, mask, scaling=scaling, is_causal=False)[0]
         return merged_attention(query, self, causal, scaling)
-
-
-def _select_rows(seg: Segment, rows: list[int], kv_heads: int) -> Segment:
-    """An encoded block for new rows ``rows`` (new row ``r`` takes old row ``rows[r]``'s pairs), its codec indexed by
-    pair (:meth:`~kvcompress.compressor.Codec.select`), pairs ordered by new row."""
-    old = [(i, pair // kv_heads, pair % kv_heads) for i, pair in enumerate(seg.pairs)]
-    chosen = [(i, new_row, head) for new_row, source in enumerate(rows) for i, row, head in old if row == source]
-    device = seg.rows.device
-    index = torch.tensor([i for i, _, _ in chosen], dtype=torch.long, device=device)
-    return Segment(
-        rows=torch.tensor([r for _, r, _ in chosen], dtype=torch.long, device=device),
-        heads=torch.tensor([h for _, _, h in chosen], dtype=torch.long, device=device),
-        codec=seg.codec.select(index), count=seg.count, pairs=tuple(r * kv_heads + h for _, r, h in chosen),
-        positions=seg.positions[index] if seg.positions is not None else None,
-    )
-
