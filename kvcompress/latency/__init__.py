@@ -34,7 +34,8 @@ from .metrics import (
     truncate,
 )
 from .model_profile import ModelProfile, list_model_presets, load_model_profile
-from .profile import CompressionProfile, project
+from .profile import CompressionProfile
+from .projection import project
 
 __all__ = [
     "CONVENTIONS", "DEFAULT_HARDWARE", "DEPLOYMENT_TARGET", "DTYPE_BYTES", "EFFICIENCY_PRESETS", "SERVING_DEFAULTS",

@@ -11,7 +11,8 @@ from .dtypes import name_of_bytes
 from .fixed import FixedParts
 from .metrics import Serving, Workload, estimate
 from .model_profile import load_model_profile
-from .profile import CompressionProfile, project
+from .profile import CompressionProfile
+from .projection import project
 
 #: Fu 2024's running example: Yi-34B-200K at 50K tokens on one A100-80GB, 250 output tokens; weights and KV in the
 #: model's dtype (bf16), no shared prefix.

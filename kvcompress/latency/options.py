@@ -16,7 +16,7 @@ TOKENS = AnyOf((Integer(min=1), Call(parse_tokens, "a token count (e.g. 50000, 5
 DTYPE = Optional(Call(dtype_name, "a dtype (bf16, fp16, fp8, fp4, fp32)"))
 FRACTION = Optional(Number(0, 1, open_min=True))
 
-#: the :class:`~kvcompress.latency.metrics.Serving` options
+#: the :class:`~kvcompress.latency.serving.Serving` options
 SERVING: dict[str, Constraint] = {
     "memory_utilization": Number(0, 1, open_min=True),
     "activation_reserve": AnyOf((Choice(["auto"]), Number(min=0))),
