@@ -13,7 +13,7 @@
 * Variable lengths: one length per batch, drawn from ``data.lengths``; batch size = ``tokens_per_batch // length``.
 * Deterministic given ``seed``: a ``random.Random(seed)`` drives data, ``torch.manual_seed(seed)`` the init.
 * Output: ``save_pretrained`` model + tokenizer in ``out_dir`` (loadable with ``model.path=<out_dir>``), and a
-  ``train_log.jsonl`` with loss and needle accuracy (full cache, :func:`kvcompress.eval.needle.make_needle_samples`).
+  ``train_log.jsonl`` with loss and needle accuracy (full cache, the needle task on :mod:`kvcompress.eval.loop`).
 
 Compute estimate: see the config's header. Not trained in the repo (the CPU here cannot form an induction head).
 """
@@ -142,19 +142,18 @@ def _lr(step: int, cfg: dict[str, Any]) -> float:
     return o["lr"] * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-@torch.no_grad()
 def evaluate(model, tok, cfg: dict[str, Any], device: str) -> float:
-    from kvcompress.eval.needle import make_needle_samples, score_prefix_match
+    """Needle exact match with the full cache, through the project's one evaluation loop and needle task (the
+    ``eval`` lengths and depths of the recipe, seed + 1); ``device`` is the model's."""
+    from kvcompress.eval.loop import evaluate as run_task
+    from kvcompress.eval.needle import NeedleTask
 
     model.eval()
-    samples = make_needle_samples(tok, cfg["eval"]["lengths"], cfg["eval"]["depths"], seed=cfg["seed"] + 1)
-    hits = 0
-    for s in samples:
-        enc = tok(s.prompt, return_tensors="pt").to(device)
-        out = model.generate(**enc, max_new_tokens=s.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        hits += score_prefix_match(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True), s.answer)
+    task = NeedleTask({"lengths": list(cfg["eval"]["lengths"]), "depths": list(cfg["eval"]["depths"])},
+                      seed=cfg["seed"] + 1, tokenizer=tok)
+    accuracy = run_task(model, task, lambda: None, tokenizer=tok).accuracy["exact_match"]
     model.train()
-    return hits / max(1, len(samples))
+    return float(accuracy)
 
 
 def train(cfg: dict[str, Any]) -> Path:
